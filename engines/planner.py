@@ -1,0 +1,343 @@
+"""VRAM arithmetic as pure functions that explain themselves.
+
+Per engine::
+
+    weights  = quantized linear params x bits/8  +  unquantized parts (embeddings, lm_head, norms) x 2 bytes
+    kv       = 2 x layers x kv_heads x head_dim x bytes(kv dtype)  x  max_model_len x concurrent_seqs
+    overhead = RUNTIME_OVERHEAD_GIB (CUDA context, activations, graphs)
+    total    = weights - cpu_offload + kv + overhead
+
+Use::
+
+    >>> plan = plan_registry(load_registry("model_registry.yaml"))
+    >>> plan.model("llama-3.1-8b-fp8").verdict
+    <Verdict.FITS: 'fits'>
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from itertools import combinations
+
+from engines.registry import Architecture, ModelSpec, Platform, Quantization, Registry, model_architecture
+
+GIB = 1024**3
+
+#: CUDA context, activation peak, sampler buffers and CUDA graphs of one vLLM engine on the GPU.
+RUNTIME_OVERHEAD_GIB = 1.5
+#: The same for vLLM on the CPU (no CUDA context; torch and the engine's own buffers).
+CPU_RUNTIME_OVERHEAD_GIB = 1.0
+
+#: Effective bits per weight, including group scales/zeros (AWQ/GPTQ: group 128, fp16 scale + 4-bit zero).
+BITS_PER_WEIGHT: dict[Quantization, float] = {
+    Quantization.NONE: 16.0,
+    Quantization.FP8: 8.0,
+    Quantization.AWQ: 4.0 + 20.0 / 128,
+    Quantization.AWQ_MARLIN: 4.0 + 20.0 / 128,
+    Quantization.GPTQ: 4.0 + 20.0 / 128,
+    Quantization.GPTQ_MARLIN: 4.0 + 20.0 / 128,
+    Quantization.BITSANDBYTES: 4.0 + 16.0 / 64,
+}
+
+KV_BYTES: dict[str, float] = {
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+}
+
+#: Co-residency sets are enumerated exactly up to this many fitting models, greedily above.
+MAX_EXACT_SETS = 16
+
+
+class Verdict(StrEnum):
+    FITS = "fits"
+    NEEDS_OFFLOAD = "needs_offload"
+    NEVER_FITS = "never_fits"
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters split by how they are stored."""
+
+    linear: float  # quantizable projection weights (attention + MLP/experts)
+    unquantized: float  # embeddings, lm_head, norms, routers: kept at 16 bit
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.unquantized
+
+
+def count_params(arch: Architecture) -> ParamCount:
+    """Parameters of a Llama/Mistral/Qwen/Mixtral-style decoder from its published figures."""
+    h = arch.hidden_size
+    d = arch.kv_head_dim
+    q_out = arch.num_attention_heads * d
+    kv_out = arch.num_key_value_heads * d
+    attn = h * q_out + 2 * h * kv_out + q_out * h
+    mlp = 3 * h * arch.intermediate_size * arch.num_local_experts
+    linear = arch.num_hidden_layers * (attn + mlp)
+    router = h * arch.num_local_experts if arch.num_local_experts > 1 else 0
+    norms = arch.num_hidden_layers * 2 * h + h
+    embed = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    return ParamCount(linear=float(linear), unquantized=float(embed + norms + arch.num_hidden_layers * router))
+
+
+def weight_bytes(params: ParamCount, quant: Quantization, dtype_bytes: float = 2.0) -> float:
+    bits = BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else dtype_bytes * 8
+    return params.linear * bits / 8 + params.unquantized * dtype_bytes
+
+
+def kv_bytes_per_token(arch: Architecture, kv_dtype_bytes: float) -> float:
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.kv_head_dim * kv_dtype_bytes
+
+
+def _dtype_bytes(model: ModelSpec) -> float:
+    return {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}.get(model.dtype, 2.0)
+
+
+def _kv_dtype_bytes(model: ModelSpec) -> float:
+    if model.kv_cache_dtype == "auto":
+        return _dtype_bytes(model)
+    return KV_BYTES[model.kv_cache_dtype]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One engine's footprint and verdict, with the reasoning in ``notes``."""
+
+    name: str
+    weights_gib: float
+    kv_gib: float
+    overhead_gib: float
+    offload_gib: float
+    total_gib: float
+    verdict: Verdict
+    kv_cache_bytes: int
+    notes: tuple[str, ...] = ()
+    measured_gib: float | None = None
+
+    @property
+    def resident_gib(self) -> float:
+        """What the engine holds on the card: measured when known, else planned."""
+        return self.measured_gib if self.measured_gib is not None else self.total_gib
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "weights_gib": round(self.weights_gib, 2),
+            "kv_gib": round(self.kv_gib, 2),
+            "overhead_gib": round(self.overhead_gib, 2),
+            "total_gib": round(self.total_gib, 2),
+            "verdict": self.verdict.value,
+            "offload_gib": round(self.offload_gib, 2),
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "measured_gib": None if self.measured_gib is None else round(self.measured_gib, 2),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget_gib: float
+    headroom_gib: float
+    platform: Platform
+    models: tuple[ModelPlan, ...]
+    co_resident_sets: tuple[tuple[str, ...], ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def usable_gib(self) -> float:
+        return self.budget_gib - self.headroom_gib
+
+    def model(self, name: str) -> ModelPlan:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def can_coreside(self, names: set[str] | frozenset[str]) -> bool:
+        """Whether these models can all be resident at once within the budget."""
+        plans = [self.model(n) for n in names]
+        if any(p.verdict is Verdict.NEVER_FITS for p in plans):
+            return False
+        if len(plans) > 1 and any(p.verdict is Verdict.NEEDS_OFFLOAD for p in plans):
+            return False
+        return sum(p.resident_gib for p in plans) <= self.usable_gib + 1e-9
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "budget_gib": self.budget_gib,
+            "headroom_gib": self.headroom_gib,
+            "usable_gib": round(self.usable_gib, 2),
+            "platform": self.platform.value,
+            "models": [m.as_dict() for m in self.models],
+            "co_resident_sets": [list(s) for s in self.co_resident_sets],
+            "warnings": list(self.warnings),
+        }
+
+
+def plan_model(model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform) -> ModelPlan:
+    """Footprint and verdict of one model alone on a card with ``usable_gib`` free."""
+    notes: list[str] = []
+    quant = model.effective_quantization
+    if arch is not None:
+        params = count_params(arch)
+        weights = weight_bytes(params, quant, _dtype_bytes(model))
+        kv = kv_bytes_per_token(arch, _kv_dtype_bytes(model)) * model.max_model_len * model.concurrent_seqs
+        notes.append(
+            f"{params.total / 1e9:.2f}B params ({params.linear / 1e9:.2f}B at "
+            f"{BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else _dtype_bytes(model) * 8:.2f} bits, "
+            f"{params.unquantized / 1e9:.2f}B at {_dtype_bytes(model) * 8:.0f} bits)"
+        )
+    else:
+        assert model.params_b is not None
+        bits = BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else _dtype_bytes(model) * 8
+        weights = model.params_b * 1e9 * bits / 8
+        kv = 0.0
+        notes.append(f"{model.params_b}B declared params at {bits:.2f} bits; no architecture, KV not sized")
+    overhead = CPU_RUNTIME_OVERHEAD_GIB if platform is Platform.CPU else RUNTIME_OVERHEAD_GIB
+    weights_gib = weights / GIB
+    kv_gib = kv / GIB
+    need = weights_gib + kv_gib + overhead
+    verdict = Verdict.FITS
+    offload = 0.0
+    if need > usable_gib:
+        short = need - usable_gib
+        if kv_gib + overhead >= usable_gib:
+            verdict = Verdict.NEVER_FITS
+            notes.append(
+                f"KV cache ({kv_gib:.1f} GiB) and runtime ({overhead:.1f} GiB) alone exceed the "
+                f"{usable_gib:.1f} GiB usable; lower max_model_len or concurrent_seqs"
+            )
+        else:
+            verdict = Verdict.NEEDS_OFFLOAD
+            offload = max(model.cpu_offload_gib, math.ceil(short * 2) / 2)
+            notes.append(
+                f"{need:.1f} GiB needed but {usable_gib:.1f} GiB usable: offload at least {short:.1f} GiB "
+                f"of weights to host RAM (--cpu-offload-gb); expect a few tokens/s"
+            )
+            if model.cpu_offload_gib < short:
+                notes.append(f"set cpu_offload_gib to at least {math.ceil(short)} in the registry")
+    total = need - offload
+    return ModelPlan(
+        name=model.name,
+        weights_gib=weights_gib,
+        kv_gib=kv_gib,
+        overhead_gib=overhead,
+        offload_gib=offload,
+        total_gib=total,
+        verdict=verdict,
+        kv_cache_bytes=int(kv) if kv else 0,
+        notes=tuple(notes),
+    )
+
+
+def co_resident_sets(models: tuple[ModelPlan, ...], usable_gib: float) -> tuple[tuple[str, ...], ...]:
+    """Maximal sets (two or more models) that fit together; offloaded models always run alone."""
+    fit = sorted((m for m in models if m.verdict is Verdict.FITS), key=lambda m: m.name)
+    found: list[frozenset[str]] = []
+    if len(fit) <= MAX_EXACT_SETS:
+        for k in range(len(fit), 1, -1):
+            for combo in combinations(fit, k):
+                names = frozenset(m.name for m in combo)
+                if sum(m.resident_gib for m in combo) <= usable_gib + 1e-9 and not any(names < f for f in found):
+                    found.append(names)
+    else:  # greedy: smallest first
+        chosen: list[ModelPlan] = []
+        for m in sorted(fit, key=lambda m: m.resident_gib):
+            if sum(c.resident_gib for c in chosen) + m.resident_gib <= usable_gib:
+                chosen.append(m)
+        if len(chosen) > 1:
+            found.append(frozenset(c.name for c in chosen))
+    return tuple(sorted((tuple(sorted(s)) for s in found), key=lambda s: (-len(s), s)))
+
+
+def plan_registry(
+    registry: Registry,
+    *,
+    budget_gib: float | None = None,
+    measured_gib: dict[str, float] | None = None,
+) -> Plan:
+    """The whole plan. ``budget_gib`` overrides the registry (and 'auto'); ``measured_gib`` replaces estimates."""
+    gpu = registry.gpu
+    if budget_gib is None:
+        budget_gib = 24.0 if gpu.budget_gib == "auto" else float(gpu.budget_gib)
+    usable = budget_gib - gpu.headroom_gib
+    plans: list[ModelPlan] = []
+    for m in registry.models:
+        p = plan_model(m, model_architecture(registry, m), usable_gib=usable, platform=gpu.platform)
+        if measured_gib and m.name in measured_gib:
+            p = ModelPlan(**{**p.__dict__, "measured_gib": measured_gib[m.name]})
+        plans.append(p)
+    warnings = list(registry.warnings)
+    if gpu.platform is Platform.CPU:
+        warnings.append("platform cpu: sleep frees no memory here, so it is never counted as freeing room")
+    models = tuple(plans)
+    return Plan(
+        budget_gib=budget_gib,
+        headroom_gib=gpu.headroom_gib,
+        platform=gpu.platform,
+        models=models,
+        co_resident_sets=co_resident_sets(models, usable),
+        warnings=tuple(warnings),
+    )
+
+
+def vllm_memory_args(plan: ModelPlan, *, budget_gib: float, platform: Platform) -> list[str]:
+    """The memory flags an engine gets: an exact KV pool, so several engines can share one card."""
+    args: list[str] = []
+    if plan.kv_cache_bytes:
+        args += ["--kv-cache-memory-bytes", str(plan.kv_cache_bytes)]
+    elif platform is Platform.CUDA:
+        share = min(0.95, max(0.05, plan.total_gib / budget_gib))
+        args += ["--gpu-memory-utilization", f"{share:.3f}"]
+    if plan.offload_gib > 0:
+        args += ["--cpu-offload-gb", f"{plan.offload_gib:g}"]
+    return args
+
+
+def format_plan(plan: Plan) -> str:
+    """The human table: per model the parts, total and verdict; then the co-residency sets."""
+    head = ("model", "weights", "kv", "overhead", "offload", "total", "verdict")
+    rows = [head] + [
+        (
+            m.name,
+            f"{m.weights_gib:.2f}",
+            f"{m.kv_gib:.2f}",
+            f"{m.overhead_gib:.2f}",
+            f"{m.offload_gib:.1f}" if m.offload_gib else "-",
+            f"{m.total_gib:.2f}",
+            m.verdict.value,
+        )
+        for m in plan.models
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        f"GPU budget {plan.budget_gib:g} GiB, headroom {plan.headroom_gib:g} GiB, usable {plan.usable_gib:g} GiB "
+        f"({plan.platform.value}); figures in GiB",
+        "",
+    ]
+    for i, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if j == 0 or j == 6 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("Can share the card:")
+    if plan.co_resident_sets:
+        lines += [f"  {' + '.join(s)}" for s in plan.co_resident_sets]
+    else:
+        lines.append("  (none: every model runs alone)")
+    notes = [(m.name, n) for m in plan.models if m.verdict is not Verdict.FITS for n in m.notes[1:]]
+    if notes:
+        lines.append("")
+        lines.append("Notes:")
+        lines += [f"  {name}: {n}" for name, n in notes]
+    if plan.warnings:
+        lines.append("")
+        lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
