@@ -1,0 +1,397 @@
+"""One model's engine: its state machine, its process, its start/stop/sleep/wake and LoRA adapters.
+
+::
+
+    engine = Engine(spec, plan=model_plan, launch=launch_cfg, client=client, state_file=state)
+    await engine.ensure_ready()      # joins a start already in progress; wakes a sleeping engine
+    engine.in_flight += 1 ... engine.release()
+    await engine.stop()              # drain (bounded), SIGTERM the group, wait, SIGKILL
+
+An engine that exits while serving goes to ``failed``; the next ``ensure_ready`` restarts it after a
+backoff, and too many failures in a window is a crash loop that refuses starts for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+
+from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError
+from engines.leftovers import EngineRecord, StateFile
+from engines.planner import ModelPlan
+from engines.process import EngineProcess
+from engines.registry import ModelSpec
+from engines.state import EngineState, StateMachine
+from engines.vllm import LaunchConfig, NotReady, VllmApi, build_argv, build_env
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Backoff after failures, and what counts as a crash loop."""
+
+    base_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    loop_failures: int = 3
+    loop_window_s: float = 300.0
+    stop_grace_s: float = 15.0
+    drain_timeout_s: float = 30.0
+
+    def backoff(self, failures: int) -> float:
+        return 0.0 if failures == 0 else min(self.max_backoff_s, self.base_backoff_s * 2 ** (failures - 1))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Engine:
+    """Supervises the vLLM process of one registry model."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        plan: ModelPlan,
+        launch: LaunchConfig,
+        client: httpx.AsyncClient,
+        state_file: StateFile,
+        policy: RestartPolicy | None = None,
+        on_state: Callable[[str, EngineState, EngineState], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.plan = plan
+        self.launch = launch
+        self.client = client
+        self.state_file = state_file
+        self.policy = policy or RestartPolicy()
+        self.sm = StateMachine(spec.name, [on_state] if on_state else None)
+        self.process: EngineProcess | None = None
+        self.port: int | None = None
+        self.engine_id: str | None = None
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._start_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._lora_lock = asyncio.Lock()
+        self.adapters: set[str] = set()
+        self.failures: deque[float] = deque(maxlen=16)
+        self.last_error: EngineError | None = None
+        self.last_used = 0.0
+        self.ready_since: float | None = None
+        self.start_seconds: list[float] = []
+        self.wake_seconds: list[float] = []
+        self.sleep_level = 0
+
+    # --- views -----------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        return self.sm.state
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> VllmApi:
+        return VllmApi(self.client, self.base_url)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def log_tail(self, n: int = 20) -> tuple[str, ...]:
+        return self.process.last_lines(n) if self.process else ()
+
+    def expected_start_s(self) -> float:
+        """Measured mean start time (or a prior from the plan's size) for swap-cost decisions."""
+        if self.start_seconds:
+            return sum(self.start_seconds[-5:]) / len(self.start_seconds[-5:])
+        return 20.0 + 2.0 * self.plan.weights_gib
+
+    def expected_wake_s(self) -> float:
+        if self.wake_seconds:
+            return sum(self.wake_seconds[-5:]) / len(self.wake_seconds[-5:])
+        return 1.0 + 0.2 * self.plan.weights_gib
+
+    # --- in-flight accounting ----------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+        self.last_used = time.monotonic()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self._idle.set()
+
+    async def drained(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- start -------------------------------------------------------------------------------------
+
+    def _recent_failures(self) -> list[float]:
+        now = time.monotonic()
+        return [t for t in self.failures if now - t <= self.policy.loop_window_s]
+
+    def _check_backoff(self) -> None:
+        recent = self._recent_failures()
+        if not recent:
+            return
+        cause = self.last_error.message if self.last_error else "unknown cause"
+        tail = self.last_error.log_tail if self.last_error else ()
+        if len(recent) >= self.policy.loop_failures:
+            retry = recent[0] + self.policy.loop_window_s - time.monotonic()
+            raise CrashLoop(
+                f"model {self.name} failed {len(recent)} times in {self.policy.loop_window_s:.0f} s and is "
+                f"held back for {retry:.0f} s; last cause: {cause}",
+                model=self.name,
+                retry_after=max(1.0, retry),
+                log_tail=tail,
+            )
+        wait = recent[-1] + self.policy.backoff(len(recent)) - time.monotonic()
+        if wait > 0:
+            raise CrashLoop(
+                f"model {self.name} failed {wait:.1f} s ago and restarts after a backoff; last cause: {cause}",
+                model=self.name,
+                retry_after=max(1.0, wait),
+                log_tail=tail,
+            )
+
+    async def ensure_ready(self) -> None:
+        """Make the engine ready: join a start in progress, wake it, or start it."""
+        while True:
+            state = self.state
+            if state is EngineState.READY:
+                return
+            if self._start_task is not None and not self._start_task.done():
+                await asyncio.shield(self._start_task)
+                continue
+            if state is EngineState.SLEEPING:
+                await self.wake()
+                continue
+            if state is EngineState.STOPPING:
+                await asyncio.sleep(0.05)
+                continue
+            if state in (EngineState.STOPPED, EngineState.FAILED):
+                self._check_backoff()
+                self._start_task = asyncio.create_task(self._start(), name=f"start-{self.name}")
+                await asyncio.shield(self._start_task)
+                continue
+            await asyncio.sleep(0.05)
+
+    async def _start(self) -> None:
+        self.sm.swap(self.state, EngineState.STARTING)
+        t0 = time.monotonic()
+        attempts = 2
+        for attempt in range(attempts):
+            try:
+                await self._launch_and_wait()
+            except EngineStartError as e:
+                port_clash = any("address already in use" in line.lower() for line in e.log_tail)
+                await self._cleanup_process()
+                if port_clash and attempt + 1 < attempts:
+                    log.warning("engine %s: port %s was taken; retrying on another port", self.name, self.port)
+                    continue
+                self._fail(e)
+                raise
+            except BaseException:
+                await self._cleanup_process()
+                if self.state is EngineState.STARTING:
+                    self.sm.swap(EngineState.STARTING, EngineState.FAILED)
+                raise
+            break
+        elapsed = time.monotonic() - t0
+        self.start_seconds.append(elapsed)
+        self.ready_since = time.monotonic()
+        self.last_used = time.monotonic()
+        self.sm.swap(EngineState.STARTING, EngineState.READY)
+        log.info("engine %s ready in %.1f s on port %s", self.name, elapsed, self.port)
+
+    async def _launch_and_wait(self) -> None:
+        self.port = free_port()
+        self.engine_id = uuid.uuid4().hex[:12]
+        run_dir = self.launch.run_dir
+        tmpdir = run_dir / "tmp" / f"{self.name}-{self.engine_id}"
+        tmpdir.mkdir(parents=True, exist_ok=True)
+        argv = build_argv(self.launch, model=self.spec, plan=self.plan, port=self.port)
+        env = build_env(self.launch, model=self.spec, engine_id=self.engine_id, tmpdir=tmpdir)
+        self.process = proc = EngineProcess(self.name, argv, env=env, log_path=run_dir / "logs" / f"{self.name}.log")
+        self.adapters = set(self.spec.lora.adapters) if self.spec.lora.enabled else set()
+        try:
+            await proc.spawn()
+        except OSError as e:
+            raise EngineStartError(
+                f"model {self.name}: cannot launch {argv[0]!r}: {e}", model=self.name, log_tail=proc.last_lines()
+            ) from e
+        assert proc.pid is not None
+        self.state_file.add(
+            EngineRecord(
+                engine_id=self.engine_id,
+                model=self.name,
+                pid=proc.pid,
+                pgid=proc.pid,
+                port=self.port,
+                started_at=time.time(),
+                tmpdir=str(tmpdir),
+            )
+        )
+        try:
+            await self.api.wait_ready(
+                served_name=self.name,
+                timeout_s=self.spec.start_timeout_s,
+                alive=lambda: proc.returncode is None,
+            )
+        except (NotReady, TimeoutError) as e:
+            if proc.returncode is not None or isinstance(e, NotReady):
+                with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
+                    await asyncio.wait_for(proc.wait(), timeout=2.0)
+            tail = proc.last_lines(30)
+            why = f"; last log line: {last_error_line(tail)}" if tail else ""
+            raise EngineStartError(
+                f"model {self.name} failed to start: {e}{why}", model=self.name, log_tail=tail
+            ) from e
+        self._watch_task = asyncio.create_task(self._watch(proc), name=f"watch-{self.name}")
+
+    def _fail(self, err: EngineError) -> None:
+        self.failures.append(time.monotonic())
+        self.last_error = err
+        if self.state is not EngineState.FAILED:
+            self.sm.swap(self.state, EngineState.FAILED)
+
+    async def _watch(self, proc: EngineProcess) -> None:
+        rc = await proc.wait()
+        if self.process is not proc or self.state in (EngineState.STOPPING, EngineState.STOPPED):
+            return
+        tail = proc.last_lines(30)
+        err = EngineCrashed(
+            f"model {self.name}: the engine exited (code {rc}) while serving"
+            + (f"; last log line: {last_error_line(tail)}" if tail else ""),
+            model=self.name,
+            log_tail=tail,
+        )
+        log.error("%s", err.message)
+        self._fail(err)
+        await self._cleanup_process()
+
+    async def _cleanup_process(self) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        await proc.terminate(grace_s=self.policy.stop_grace_s)
+        if self.engine_id:
+            self.state_file.remove(self.engine_id)
+            shutil.rmtree(self.launch.run_dir / "tmp" / f"{self.name}-{self.engine_id}", ignore_errors=True)
+
+    # --- stop, sleep, wake ------------------------------------------------------------------------
+
+    async def stop(self, *, drain_timeout_s: float | None = None) -> None:
+        """Drain in-flight requests (bounded), then terminate the process group."""
+        async with self._lock:
+            if self._start_task is not None and not self._start_task.done():
+                self._start_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._start_task
+            state = self.state
+            if state is EngineState.STOPPED:
+                return
+            if state is EngineState.FAILED:
+                await self._cleanup_process()
+                self.sm.swap(EngineState.FAILED, EngineState.STOPPED)
+                return
+            self.sm.swap(state, EngineState.STOPPING)
+            timeout = self.policy.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+            if not await self.drained(timeout):
+                log.warning("engine %s: %d request(s) still in flight after %.0f s; stopping anyway",
+                            self.name, self.in_flight, timeout)
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+            await self._cleanup_process()
+            self.sleep_level = 0
+            self.ready_since = None
+            self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
+
+    async def sleep(self, level: int) -> None:
+        async with self._lock:
+            if self.state is not EngineState.READY:
+                return
+            await self.drained(self.policy.drain_timeout_s)
+            await self.api.sleep(level)
+            self.sleep_level = level
+            self.sm.swap(EngineState.READY, EngineState.SLEEPING)
+
+    async def wake(self) -> None:
+        async with self._lock:
+            if self.state is not EngineState.SLEEPING:
+                return
+            t0 = time.monotonic()
+            try:
+                await self.api.wake_up()
+                await self.api.probe(self.name)
+            except (httpx.HTTPError, NotReady) as e:
+                err = EngineError(f"model {self.name}: wake from sleep failed: {e}", model=self.name,
+                                  log_tail=self.log_tail(30))
+                self._fail(err)
+                await self._cleanup_process()
+                raise err from e
+            self.wake_seconds.append(time.monotonic() - t0)
+            self.sleep_level = 0
+            self.last_used = time.monotonic()
+            self.sm.swap(EngineState.SLEEPING, EngineState.READY)
+
+    # --- LoRA ---------------------------------------------------------------------------------------
+
+    async def ensure_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter at runtime unless it is already loaded."""
+        if name in self.adapters:
+            return
+        async with self._lora_lock:
+            if name in self.adapters:
+                return
+            status, body = await self.api.load_lora(name, path)
+            if status == 200 or (status == 400 and "already" in body.lower()):
+                self.adapters.add(name)
+                return
+            raise EngineError(f"model {self.name}: loading adapter {name!r} failed ({status}): {body[:300]}",
+                              model=self.name)
+
+    async def unload_adapter(self, name: str) -> None:
+        async with self._lora_lock:
+            if name not in self.adapters:
+                return
+            await self.api.unload_lora(name)
+            self.adapters.discard(name)
+
+
+def last_error_line(tail: tuple[str, ...]) -> str:
+    """The most telling line of a log tail: the last one that names an error, else the last one."""
+    for line in reversed(tail):
+        low = line.lower()
+        if any(k in low for k in ("error", "exception", "out of memory", "illegal", "refused", "invalid")):
+            return line.strip()
+    return tail[-1].strip() if tail else ""

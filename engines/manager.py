@@ -1,0 +1,408 @@
+"""The engine manager: all engines, their wait queues, and the one owner task that swaps them.
+
+Requests for a resident model go straight through :meth:`EngineManager.slot`; the others wait in
+their model's queue until the owner task, following :func:`engines.scheduler.decide`, has made
+the model resident::
+
+    manager = EngineManager(registry, client=client, run_dir=Path(".onecard"))
+    await manager.start()
+    async with manager.slot("judge") as engine:     # waits (bounded) while a swap happens
+        ... send the request to engine.base_url ...
+    await manager.close()                          # stops every engine
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from engines.engine import Engine, RestartPolicy
+from engines.errors import CapacityError, CrashLoop, EngineError, OnecardError, QueueFull
+from engines.leftovers import StateFile
+from engines.planner import Plan, Verdict, plan_registry
+from engines.registry import Platform, Registry, Target
+from engines.scheduler import EngineView, decide, idle_expired
+from engines.state import EngineState
+from engines.vllm import LaunchConfig
+
+log = logging.getLogger(__name__)
+
+
+class ManagerEvents:
+    """Hooks the gateway overrides to feed metrics; every method is a no-op here."""
+
+    def state_changed(self, model: str, old: EngineState, new: EngineState) -> None: ...
+    def swapped(self, model: str, kind: str, seconds: float, reason: str) -> None: ...
+    def start_failed(self, model: str, error: EngineError) -> None: ...
+    def queue_changed(self, model: str, depth: int) -> None: ...
+    def queue_waited(self, model: str, seconds: float) -> None: ...
+
+
+@dataclass
+class Waiter:
+    future: asyncio.Future[None]
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SwapRecord:
+    at: float
+    model: str
+    kind: str
+    evicted: tuple[str, ...]
+    seconds: float
+    reason: str
+
+
+class EngineManager:
+    """Owns every engine; the only place that decides and performs swaps."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        client: httpx.AsyncClient,
+        run_dir: Path,
+        executable: str | None = None,
+        budget_gib: float | None = None,
+        restart: RestartPolicy | None = None,
+        events: ManagerEvents | None = None,
+        tick_s: float = 1.0,
+    ) -> None:
+        self.registry = registry
+        self.client = client
+        self.run_dir = run_dir
+        self.events = events or ManagerEvents()
+        self.plan: Plan = plan_registry(registry, budget_gib=budget_gib)
+        self.platform = registry.gpu.platform
+        self.launch = LaunchConfig(
+            registry=registry,
+            executable=executable or registry.vllm.executable,
+            platform=self.platform,
+            budget_gib=self.plan.budget_gib,
+            run_dir=run_dir,
+        )
+        self.state_file = StateFile(run_dir / "state" / "engines.json")
+        self.engines: dict[str, Engine] = {
+            m.name: Engine(
+                m,
+                plan=self.plan.model(m.name),
+                launch=self.launch,
+                client=client,
+                state_file=self.state_file,
+                policy=restart,
+                on_state=self.events.state_changed,
+            )
+            for m in registry.models
+        }
+        self.queues: dict[str, deque[Waiter]] = {name: deque() for name in self.engines}
+        self.draining: frozenset[str] = frozenset()
+        self.reserved_gib = 0.0
+        self.swaps: list[SwapRecord] = []
+        self.last_reason = ""
+        self.max_wait_s = registry.scheduler.max_wait_s
+        self.max_queue = registry.scheduler.max_queue
+        self._tick_s = tick_s
+        self._kick = asyncio.Event()
+        self._owner: asyncio.Task[None] | None = None
+        self._busy = False
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> list[int]:
+        """Kill leftovers of an earlier run, then start the owner task. Returns the pids killed."""
+        killed = await asyncio.to_thread(self.state_file.reap)
+        self._owner = asyncio.create_task(self._run(), name="engine-owner")
+        return killed
+
+    async def close(self) -> None:
+        if self._owner is not None:
+            self._owner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._owner
+        for name, q in self.queues.items():
+            while q:
+                w = q.popleft()
+                if not w.future.done():
+                    w.future.set_exception(CapacityError(f"the gateway is shutting down; {name} is unavailable",
+                                                         model=name))
+        await asyncio.gather(*(e.stop(drain_timeout_s=10) for e in self.engines.values()), return_exceptions=True)
+
+    # --- the request path ---------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> Target:
+        return self.registry.resolve(name)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[Engine]:
+        """Hold one in-flight slot on ``model``'s engine, waiting for it to become resident."""
+        engine = await self.acquire(model)
+        try:
+            yield engine
+        finally:
+            self.release(engine)
+
+    def try_acquire(self, model: str) -> Engine | None:
+        """The fast path: a resident, admitting engine with nobody queued ahead."""
+        engine = self.engines[model]
+        if engine.state is EngineState.READY and model not in self.draining and not self.queues[model]:
+            engine.acquire()
+            return engine
+        return None
+
+    async def acquire(self, model: str) -> Engine:
+        engine = self.try_acquire(model)
+        if engine is not None:
+            return engine
+        waiter = self.enqueue(model)
+        return await self.wait(model, waiter)
+
+    def enqueue(self, model: str) -> Waiter:
+        engine = self.engines[model]
+        if engine.plan.verdict is Verdict.NEVER_FITS:
+            raise CapacityError(f"model {model} can never fit on this GPU: {'; '.join(engine.plan.notes)}",
+                                model=model, retry_after=3600)
+        q = self.queues[model]
+        if len(q) >= self.max_queue:
+            raise QueueFull(
+                f"model {model} already has {len(q)} requests waiting (limit {self.max_queue}); retry later",
+                model=model,
+                retry_after=self.expected_wait_s(model),
+            )
+        w = Waiter(asyncio.get_running_loop().create_future())
+        q.append(w)
+        self.events.queue_changed(model, len(q))
+        self._kick.set()
+        return w
+
+    async def wait(self, model: str, waiter: Waiter) -> Engine:
+        try:
+            await waiter.future
+        except BaseException:
+            q = self.queues[model]
+            if waiter in q:
+                q.remove(waiter)
+                self.events.queue_changed(model, len(q))
+            elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.engines[model].release()  # admitted as we were cancelled
+            raise
+        self.events.queue_waited(model, time.monotonic() - waiter.since)
+        return self.engines[model]
+
+    def release(self, engine: Engine) -> None:
+        engine.release()
+        if engine.in_flight == 0:
+            self._kick.set()
+
+    def expected_wait_s(self, model: str) -> float:
+        e = self.engines[model]
+        cost = e.expected_wake_s() if e.state is EngineState.SLEEPING else e.expected_start_s()
+        return max(1.0, round(cost + len(self.queues[model]) * 0.5, 1))
+
+    def queue_position(self, model: str, waiter: Waiter) -> int:
+        try:
+            return list(self.queues[model]).index(waiter) + 1
+        except ValueError:
+            return 0
+
+    # --- admin --------------------------------------------------------------------------------------
+
+    async def load(self, model: str) -> None:
+        """Make a model resident now (evicting as the policy would), via the queue."""
+        async with self.slot(model):
+            pass
+
+    async def unload(self, model: str) -> None:
+        await self.engines[model].stop()
+        self._kick.set()
+
+    async def sleep(self, model: str, level: int) -> None:
+        engine = self.engines[model]
+        if not self.launch.sleep_supported:
+            log.info("sleep on %s: the platform has no sleep mode that frees memory; the engine keeps its "
+                     "memory", model)
+        await engine.sleep(level)
+
+    def fits(self, names: frozenset[str]) -> bool:
+        if not names:
+            return True
+        if self.reserved_gib <= 0:
+            return self.plan.can_coreside(set(names))
+        plans = [self.plan.model(n) for n in names]
+        total = sum(p.resident_gib for p in plans)
+        return self.plan.can_coreside(set(names)) and total <= self.plan.usable_gib - self.reserved_gib
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    # --- the owner task -----------------------------------------------------------------------------
+
+    def views(self, now: float | None = None) -> list[EngineView]:
+        now = time.monotonic() if now is None else now
+        out = []
+        for name, e in self.engines.items():
+            q = self.queues[name]
+            occupies = e.state in (EngineState.READY, EngineState.STARTING, EngineState.STOPPING) or (
+                e.state is EngineState.SLEEPING and not self.launch.sleep_supported
+            )
+            out.append(
+                EngineView(
+                    name=name,
+                    state=e.state,
+                    in_flight=e.in_flight,
+                    queued=len(q),
+                    oldest_wait_s=(now - q[0].since) if q else 0.0,
+                    pinned=e.spec.pinned,
+                    occupies_memory=occupies,
+                    return_cost_s=e.expected_start_s(),
+                    idle_s=(now - e.last_used) if e.in_flight == 0 else 0.0,
+                    draining=name in self.draining,
+                )
+            )
+        return out
+
+    async def _run(self) -> None:
+        while True:
+            self._kick.clear()
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("engine owner: step failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout=self._tick_s)
+
+    async def step(self) -> None:
+        """One decision, carried out."""
+        views = self.views()
+        d = decide(views, fits=self.fits, max_wait_s=self.max_wait_s)
+        self.draining = d.drain
+        self.last_reason = d.reason
+        for name in d.admit:
+            self._admit_all(name)
+        if d.blocked:
+            self._fail_waiters(d.blocked, CapacityError(
+                f"model {d.blocked} cannot be made resident: {d.reason}"
+                + (f" ({self.reserved_gib:g} GiB are leased)" if self.reserved_gib else ""),
+                model=d.blocked, retry_after=30))
+        if d.load is not None:
+            await self._swap_in(d.load, d.evict, d.reason)
+            self._kick.set()
+            return
+        await self._expire_idle(views)
+
+    def _admit_all(self, name: str) -> None:
+        engine = self.engines[name]
+        q = self.queues[name]
+        while q:
+            w = q.popleft()
+            if w.future.done():
+                continue
+            engine.acquire()
+            w.future.set_result(None)
+        self.events.queue_changed(name, 0)
+
+    def _fail_waiters(self, name: str, err: OnecardError) -> None:
+        q = self.queues[name]
+        while q:
+            w = q.popleft()
+            if not w.future.done():
+                w.future.set_exception(err)
+        self.events.queue_changed(name, 0)
+
+    async def _evict(self, name: str) -> None:
+        engine = self.engines[name]
+        level = engine.spec.sleep_level
+        if self.launch.sleep_supported and level > 0 and engine.state is EngineState.READY:
+            if level == 1 and self._sleeping_weights_gib() + engine.plan.weights_gib > (
+                self.registry.gpu.host_ram_for_sleep_gib
+            ):
+                level = 2
+            await engine.sleep(level)
+        else:
+            await engine.stop()
+
+    def _sleeping_weights_gib(self) -> float:
+        return sum(e.plan.weights_gib for e in self.engines.values()
+                   if e.state is EngineState.SLEEPING and e.sleep_level == 1)
+
+    async def _swap_in(self, name: str, victims: tuple[str, ...], reason: str) -> None:
+        engine = self.engines[name]
+        kind = "wake" if engine.state is EngineState.SLEEPING else ("cold" if victims else "co_load")
+        waiting = self.queues[name]
+        first = waiting[0].since if waiting else time.monotonic()
+        log.info(
+            "swap: load %s (%s) evicting %s; reason: %s; %d waiting (oldest %.1f s); expected cost %.1f s",
+            name, kind, list(victims) or "nothing", reason, len(waiting), time.monotonic() - first,
+            engine.expected_wake_s() if kind == "wake" else engine.expected_start_s(),
+        )
+        t0 = time.monotonic()
+        try:
+            for v in victims:
+                await self._evict(v)
+            await engine.ensure_ready()
+        except CrashLoop as e:
+            self._fail_waiters(name, e)
+            return
+        except EngineError as e:
+            self.events.start_failed(name, e)
+            self._fail_waiters(name, e)
+            return
+        seconds = time.monotonic() - t0
+        self.swaps.append(SwapRecord(time.time(), name, kind, victims, seconds, reason))
+        del self.swaps[:-1000]
+        self.events.swapped(name, kind, seconds, reason)
+        self.draining = frozenset()
+        self._admit_all(name)
+
+    async def _expire_idle(self, views: list[EngineView]) -> None:
+        for v in views:
+            engine = self.engines[v.name]
+            if idle_expired(v, engine.spec.idle_ttl_s):
+                log.info("model %s idle for %.0f s (ttl %.0f s): %s", v.name, v.idle_s, engine.spec.idle_ttl_s,
+                         "sleeping" if self.launch.sleep_supported and engine.spec.sleep_level else "stopping")
+                await self._evict(v.name)
+
+    # --- reporting ----------------------------------------------------------------------------------
+
+    def engine_rows(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        rows: list[dict[str, object]] = []
+        for name, e in self.engines.items():
+            q = self.queues[name]
+            rows.append(
+                {
+                    "model": name,
+                    "state": e.state.value,
+                    "pid": e.pid if e.state not in (EngineState.STOPPED,) else None,
+                    "port": e.port if e.state not in (EngineState.STOPPED,) else None,
+                    "uptime_s": round(now - e.ready_since, 1) if e.ready_since else None,
+                    "in_flight": e.in_flight,
+                    "queued": len(q),
+                    "oldest_wait_s": round(now - q[0].since, 2) if q else None,
+                    "draining": name in self.draining,
+                    "footprint_gib": round(e.plan.resident_gib, 2),
+                    "verdict": e.plan.verdict.value,
+                    "pinned": e.spec.pinned,
+                    "adapters": sorted(e.adapters),
+                    "last_error": e.last_error.message if e.last_error and e.state is EngineState.FAILED else None,
+                    "start_seconds": [round(s, 2) for s in e.start_seconds[-5:]],
+                    "wake_seconds": [round(s, 2) for s in e.wake_seconds[-5:]],
+                }
+            )
+        return rows
+
+    @property
+    def sleep_frees_memory(self) -> bool:
+        return self.platform is Platform.CUDA
+
+

@@ -1,0 +1,154 @@
+"""One engine process: spawn in its own session, drain its output, terminate its whole group.
+
+::
+
+    proc = EngineProcess("tiny", ["vllm", "serve", ...], env=env, log_path=Path("logs/tiny.log"))
+    await proc.spawn()
+    ...
+    await proc.terminate(grace_s=10)   # SIGTERM the group, wait, SIGKILL the group
+
+The child's stdout and stderr are always drained (a full pipe blocks the child) into a rotating log
+file, and the last lines are kept in memory for error messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TAIL_LINES = 200
+LOG_MAX_BYTES = 20 * 1024 * 1024
+
+
+class RotatingLog:
+    """Append-only log file that keeps one rotated predecessor (``.1``) past ``max_bytes``."""
+
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = path.open("ab")
+        self._size = self._fh.tell()
+
+    def write(self, data: bytes) -> None:
+        if self._size + len(data) > self.max_bytes:
+            self._fh.close()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._fh = self.path.open("ab")
+            self._size = 0
+        self._fh.write(data)
+        self._fh.flush()
+        self._size += len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class EngineProcess:
+    """A child process in a new session (its pid is its process group id)."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self.cwd = cwd
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.started_at = 0.0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    async def spawn(self) -> None:
+        log_file = RotatingLog(self.log_path)
+        log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n".encode())
+        self.started_at = time.monotonic()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as e:
+            log_file.write(f"cannot start: {e}\n".encode())
+            log_file.close()
+            self.tail.append(f"cannot start {self.argv[0]!r}: {e}")
+            raise
+        self._drain = asyncio.create_task(self._drain_output(log_file), name=f"drain-{self.name}")
+
+    async def _drain_output(self, log_file: RotatingLog) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        pending = b""
+        try:
+            while chunk := await self._proc.stdout.read(65536):
+                log_file.write(chunk)
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                self.tail.extend(line.decode(errors="replace").rstrip("\r") for line in lines)
+                if len(pending) > 65536:
+                    self.tail.append(pending.decode(errors="replace"))
+                    pending = b""
+            if pending:
+                self.tail.append(pending.decode(errors="replace"))
+        finally:
+            log_file.close()
+
+    def last_lines(self, n: int = 20) -> tuple[str, ...]:
+        return tuple(list(self.tail)[-n:])
+
+    async def wait(self) -> int:
+        """Wait for exit and for the output to be fully drained."""
+        assert self._proc is not None
+        rc = await self._proc.wait()
+        if self._drain is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._drain), timeout=5)
+        return rc
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        if self._proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
+
+    async def terminate(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM the group, wait up to ``grace_s``, then SIGKILL the group. Returns the exit code."""
+        if self._proc is None:
+            return None
+        if self._proc.returncode is None:
+            self.signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout=grace_s)
+            except TimeoutError:
+                log.warning("engine %s: no exit %.0f s after SIGTERM; sending SIGKILL", self.name, grace_s)
+                self.signal_group(signal.SIGKILL)
+        # The leader may be gone while its children (vLLM's EngineCore) live on: kill what remains.
+        self.signal_group(signal.SIGKILL)
+        return await self.wait()

@@ -1,0 +1,140 @@
+"""The swap policy: a pure function of queues, resident engines, the plan, measured costs and the clock.
+
+:func:`decide` never logs, sleeps or touches a process; the manager's one owner task calls it and
+carries the decision out. That keeps every swap decision testable and replaceable::
+
+    d = decide(views, fits=plan_fits, now=time.monotonic(), max_wait_s=60)
+    d.admit      # models whose waiting requests may go through now
+    d.drain      # resident models that stop taking new requests because a swap is due
+    d.load       # the model to make resident next (once the victims are idle)
+    d.evict      # the victims, cheapest to bring back first
+
+Rules, in order:
+1. A resident model that is not being drained admits its waiters at once.
+2. The waiting model with the oldest request is the candidate to load.
+3. If it fits beside what is resident (the plan says so), load it: co-residency, no eviction.
+4. Otherwise evict the cheapest set of unpinned victims that makes room, but only once each victim's
+   own queue is empty (serve the resident queue first), unless the candidate's oldest request has
+   waited past ``max_wait_s`` (no starvation). Victims are drained, then evicted when idle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from engines.state import EngineState
+
+RESIDENT_STATES = frozenset({EngineState.READY, EngineState.STARTING})
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What the policy may know about one engine."""
+
+    name: str
+    state: EngineState
+    in_flight: int = 0
+    queued: int = 0
+    oldest_wait_s: float = 0.0
+    pinned: bool = False
+    occupies_memory: bool = False  # resident, or asleep on a platform where sleep frees nothing
+    return_cost_s: float = 30.0  # expected seconds to bring it back if evicted
+    idle_s: float = 0.0
+    draining: bool = False
+
+    @property
+    def resident(self) -> bool:
+        return self.state in RESIDENT_STATES
+
+
+@dataclass(frozen=True)
+class Decision:
+    admit: frozenset[str] = frozenset()
+    drain: frozenset[str] = frozenset()
+    load: str | None = None
+    evict: tuple[str, ...] = ()
+    reason: str = ""
+    blocked: str | None = None  # a waiting model that can never be made resident, with why in reason
+
+    @property
+    def ready_to_swap(self) -> bool:
+        return self.load is not None
+
+
+Fits = Callable[[frozenset[str]], bool]
+
+
+def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Decision:
+    """The next step for the owner task. ``fits(names)`` says whether a set can be resident together."""
+    by_name = {v.name: v for v in views}
+    occupying = frozenset(v.name for v in views if v.occupies_memory)
+    admit = frozenset(v.name for v in views if v.state is EngineState.READY and v.queued and not v.draining)
+    waiting = sorted(
+        (v for v in views if v.queued and v.state is not EngineState.READY and v.state is not EngineState.STARTING),
+        key=lambda v: -v.oldest_wait_s,
+    )
+    # A model that is ready but draining has waiters too: they wait for the swap to finish.
+    if not waiting:
+        return Decision(admit=admit, reason="nothing to load")
+    cand = waiting[0]
+    if fits(occupying | {cand.name}):
+        return Decision(admit=admit, load=cand.name, reason=f"{cand.name} fits beside {sorted(occupying) or 'nothing'}")
+    starving = cand.oldest_wait_s >= max_wait_s
+    victims = _cheapest_victims(cand.name, [by_name[n] for n in occupying], fits, starving=starving)
+    if victims is None:
+        if not fits(frozenset({cand.name})):
+            return Decision(admit=admit, blocked=cand.name, reason=f"{cand.name} cannot fit even alone")
+        return Decision(admit=admit, reason=f"{cand.name} waits: no evictable set makes room (pinned or busy)")
+    busy = [v for v in victims if by_name[v].queued and not starving]
+    if busy:
+        return Decision(admit=admit, reason=f"{cand.name} waits: {busy} still have queued requests")
+    drain = frozenset(victims)
+    admit = admit - drain
+    reason = (
+        f"{cand.name} waited {cand.oldest_wait_s:.1f} s (bound {max_wait_s:.0f} s)" if starving
+        else f"{cand.name} waiting and {sorted(victims)} have no queue"
+    )
+    if any(by_name[v].in_flight or by_name[v].state is EngineState.STARTING for v in victims):
+        return Decision(admit=admit, drain=drain, reason=reason + "; draining victims")
+    return Decision(admit=admit, drain=drain, load=cand.name, evict=victims, reason=reason)
+
+
+def _cheapest_victims(
+    target: str, resident: list[EngineView], fits: Fits, *, starving: bool
+) -> tuple[str, ...] | None:
+    """Fewest, cheapest unpinned victims whose eviction lets ``target`` in, or None."""
+    candidates = [v for v in resident if not v.pinned and v.name != target]
+    if not starving:
+        # Prefer victims with nothing queued; a busy victim is only taken when starving.
+        candidates.sort(key=lambda v: (v.queued > 0, v.in_flight > 0, v.return_cost_s, -v.idle_s))
+    else:
+        candidates.sort(key=lambda v: (v.return_cost_s, v.in_flight, -v.idle_s))
+    keep = {v.name for v in resident}
+    chosen: list[str] = []
+    for v in candidates:
+        if fits(frozenset(keep | {target})):
+            break
+        keep.discard(v.name)
+        chosen.append(v.name)
+    if not fits(frozenset(keep | {target})):
+        return None
+    # Drop victims that turned out unnecessary (a later, larger one made room on its own).
+    for name in list(chosen):
+        trial = frozenset(keep | {name, target})
+        if fits(trial):
+            keep.add(name)
+            chosen.remove(name)
+    return tuple(chosen)
+
+
+def idle_expired(view: EngineView, ttl_s: float | None) -> bool:
+    """Whether an idle TTL says this engine should be put to sleep or stopped now."""
+    return (
+        ttl_s is not None
+        and view.state is EngineState.READY
+        and not view.pinned
+        and view.in_flight == 0
+        and view.queued == 0
+        and view.idle_s >= ttl_s
+    )

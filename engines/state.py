@@ -1,0 +1,86 @@
+"""Engine lifecycle states and the one table of legal transitions.
+
+::
+
+    stopped -> starting -> ready <-> sleeping
+                  |          |          |
+                  v          v          v
+                failed    stopping -> stopped
+                             |
+                             v
+                           failed
+
+No state is set anywhere but :meth:`StateMachine.swap`::
+
+    >>> sm = StateMachine("tiny")
+    >>> sm.swap(EngineState.STOPPED, EngineState.STARTING)
+    >>> sm.state
+    <EngineState.STARTING: 'starting'>
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    SLEEPING = "sleeping"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
+    EngineState.STOPPED: frozenset({EngineState.STARTING}),
+    EngineState.STARTING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.STOPPING}),
+    EngineState.READY: frozenset({EngineState.SLEEPING, EngineState.STOPPING, EngineState.FAILED}),
+    EngineState.SLEEPING: frozenset({EngineState.READY, EngineState.STOPPING, EngineState.FAILED}),
+    EngineState.STOPPING: frozenset({EngineState.STOPPED, EngineState.FAILED}),
+    EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPING, EngineState.STOPPED}),
+}
+
+
+class InvalidTransition(RuntimeError):
+    def __init__(self, name: str, current: EngineState, expected: EngineState, new: EngineState) -> None:
+        super().__init__(f"engine {name}: cannot go {expected} -> {new}; it is {current}")
+        self.current = current
+
+
+def is_valid_transition(old: EngineState, new: EngineState) -> bool:
+    return new in TRANSITIONS[old]
+
+
+Listener = Callable[[str, EngineState, EngineState], None]
+
+
+class StateMachine:
+    """Holds one engine's state; ``swap(expected, new)`` checks, logs and notifies listeners."""
+
+    def __init__(self, name: str, listeners: list[Listener] | None = None) -> None:
+        self.name = name
+        self._state = EngineState.STOPPED
+        self.since = time.monotonic()
+        self._listeners = list(listeners or [])
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def swap(self, expected: EngineState, new: EngineState) -> None:
+        if self._state is not expected or not is_valid_transition(expected, new):
+            raise InvalidTransition(self.name, self._state, expected, new)
+        self._state = new
+        self.since = time.monotonic()
+        log.info("engine %s: %s -> %s", self.name, expected, new)
+        for listener in self._listeners:
+            listener(self.name, expected, new)

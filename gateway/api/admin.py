@@ -1,0 +1,100 @@
+"""Admin routes: engines list, load, unload, sleep, wake, plan, swaps and an engine's log tail.
+
+They need the admin key when keys are configured (see ``gateway.auth``)::
+
+    curl -H "Authorization: Bearer $ADMIN_KEY" localhost:8000/admin/engines
+    curl -X POST -H "Authorization: Bearer $ADMIN_KEY" localhost:8000/admin/engines/tiny/load
+"""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from starlette.responses import PlainTextResponse, Response
+
+from gateway.context import Gateway
+from gateway.errors import BadRequest, UnknownModel
+
+router = APIRouter(prefix="/admin")
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _gw(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gw
+    return gw
+
+
+def _model(gw: Gateway, name: str) -> str:
+    target = gw.resolve(name)
+    if target is None:
+        raise UnknownModel(f"The model '{name[:200]}' does not exist. Valid models: {', '.join(gw.model_names())}")
+    return target.model.name
+
+
+@router.get("/engines")
+async def engines(request: Request) -> Response:
+    gw = _gw(request)
+    return _json({"engines": gw.manager.engine_rows(), "reserved_gib": gw.manager.reserved_gib,
+                  "scheduler": {"last_reason": gw.manager.last_reason,
+                                "draining": sorted(gw.manager.draining)}})
+
+
+@router.post("/engines/{name}/load")
+async def load(request: Request, name: str) -> Response:
+    gw = _gw(request)
+    model = _model(gw, name)
+    await gw.manager.load(model)
+    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+
+
+@router.post("/engines/{name}/unload")
+async def unload(request: Request, name: str) -> Response:
+    gw = _gw(request)
+    model = _model(gw, name)
+    await gw.manager.unload(model)
+    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+
+
+@router.post("/engines/{name}/sleep")
+async def sleep(request: Request, name: str, level: int = Query(1)) -> Response:
+    gw = _gw(request)
+    model = _model(gw, name)
+    if level not in (1, 2):
+        raise BadRequest("level must be 1 or 2", param="level")
+    await gw.manager.sleep(model, level)
+    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+
+
+@router.post("/engines/{name}/wake")
+async def wake(request: Request, name: str) -> Response:
+    gw = _gw(request)
+    model = _model(gw, name)
+    await gw.manager.load(model)
+    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+
+
+@router.get("/engines/{name}/log")
+async def log_tail(request: Request, name: str, lines: int = Query(100, ge=1, le=5000)) -> Response:
+    gw = _gw(request)
+    model = _model(gw, name)
+    engine = gw.manager.engines[model]
+    tail = engine.log_tail(lines)
+    if not tail:
+        path = gw.settings.run_dir / "logs" / f"{model}.log"
+        if path.exists():
+            tail = tuple(path.read_text(errors="replace").splitlines()[-lines:])
+    return PlainTextResponse("\n".join(tail) + ("\n" if tail else ""))
+
+
+@router.get("/plan")
+async def plan(request: Request) -> Response:
+    return _json(_gw(request).manager.plan.as_dict())
+
+
+@router.get("/swaps")
+async def swaps(request: Request, limit: int = Query(100, ge=1, le=1000)) -> Response:
+    gw = _gw(request)
+    return _json({"swaps": [s.__dict__ for s in gw.manager.swaps[-limit:]]})

@@ -1,0 +1,76 @@
+"""Optional bearer keys, as a small ASGI middleware in front of every route.
+
+- ``/health`` is always open; ``/metrics`` is open unless ``metrics_public`` is off.
+- ``/admin/...`` needs an admin key; every other route needs an API key or an admin key.
+- Keys are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.errors import APIError, Forbidden, Unauthorized, error_response
+from gateway.settings import Settings
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _bearer(scope: Scope) -> str | None:
+    key: bytes
+    value: bytes
+    for key, value in scope.get("headers", ()):
+        if key == b"authorization":
+            text = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+            return None
+        if key == b"x-api-key":
+            return value.decode("latin-1").strip()
+    return None
+
+
+def _matches(key: str | None, keys: frozenset[str]) -> bool:
+    if key is None:
+        return False
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(key.encode(), k.encode())
+    return found
+
+
+class KeyAuth:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.settings.auth_enabled:
+            await self.app(scope, receive, send)
+            return
+        error = self.check(scope["path"], _bearer(scope))
+        if error is not None:
+            resp = error_response(error)
+            if isinstance(error, Unauthorized):
+                resp.headers["WWW-Authenticate"] = "Bearer"
+            await resp(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def check(self, path: str, key: str | None) -> APIError | None:
+        s = self.settings
+        if path in OPEN_PATHS or (path == "/metrics" and s.metrics_public):
+            return None
+        is_admin = _matches(key, s.admin_keys)
+        if path.startswith("/admin"):
+            if is_admin:
+                return None
+            if key is None:
+                return Unauthorized("this route needs the admin key: send 'Authorization: Bearer <admin key>'")
+            return Forbidden("this route needs the admin key; the key sent is not an admin key")
+        if is_admin or _matches(key, s.api_keys) or not s.api_keys:
+            return None
+        if key is None:
+            return Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")
+        return Unauthorized("the API key sent is not valid")

@@ -1,0 +1,138 @@
+"""The gateway's shared objects, created once in the app's lifespan and reached through ``app.state.gw``.
+
+No module-level state: everything a handler needs hangs off one :class:`Gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from engines.errors import EngineError
+from engines.manager import EngineManager, ManagerEvents
+from engines.registry import Registry, Target
+from engines.state import EngineState
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+from gateway.settings import Settings
+
+
+class Admission:
+    """A concurrency limit that can be lowered and raised at run time (the thermal guard uses it)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.active = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        if self.limit is None:
+            self.active += 1
+            return
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.limit is None or self.active < self.limit)
+            self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.limit is not None:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    async def set_limit(self, limit: int | None) -> None:
+        self.limit = limit
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+
+class MetricsEvents(ManagerEvents):
+    """Feeds engine-manager events into the metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def state_changed(self, model: str, old: EngineState, new: EngineState) -> None:
+        self.metrics.on_engine_transition(model, old.value, new.value)
+
+    def swapped(self, model: str, kind: str, seconds: float, reason: str) -> None:
+        self.metrics.observe_swap(model, kind, seconds)
+
+    def start_failed(self, model: str, error: EngineError) -> None:
+        self.metrics.observe_start_failure(model)
+
+    def queue_changed(self, model: str, depth: int) -> None:
+        self.metrics.set_queue(model, depth)
+
+    def queue_waited(self, model: str, seconds: float) -> None:
+        self.metrics.observe_queue_wait(model, seconds)
+
+
+@dataclass
+class Gateway:
+    settings: Settings
+    registry: Registry
+    client: httpx.AsyncClient
+    metrics: Metrics
+    manager: EngineManager
+    proxy: Proxy
+    admission: Admission = field(default_factory=Admission)
+    started_at: float = field(default_factory=time.time)
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def resolve(self, name: str) -> Target | None:
+        try:
+            return self.registry.resolve(name)
+        except KeyError:
+            return None
+
+    def model_names(self) -> list[str]:
+        return list(self.registry.names())
+
+    def adapter_path(self, target: Target) -> str:
+        assert target.adapter is not None
+        spec = target.model.lora.adapters[target.adapter]
+        path = spec.path
+        if path.startswith(("/", "./", "../", "~")):
+            return str(self.registry.resolve_path(path))
+        return path
+
+    def response_headers(self, model: str) -> dict[str, str]:
+        return {"x-onecard-model": model}
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        """Every model, alias and adapter, OpenAI-shaped, with state and footprint in ``onecard``."""
+        cards: list[dict[str, Any]] = []
+        created = int(self.started_at)
+        for spec in self.registry.models:
+            engine = self.manager.engines[spec.name]
+            plan = engine.plan
+            info: dict[str, Any] = {
+                "kind": "model",
+                "state": engine.state.value,
+                "footprint_gib": round(plan.resident_gib, 2),
+                "verdict": plan.verdict.value,
+                "quantization": spec.effective_quantization.value,
+                "max_model_len": spec.max_model_len,
+                "pinned": spec.pinned,
+                "source": spec.source,
+                **self.provenance.get(spec.name, {}),
+            }
+            cards.append({"id": spec.name, "object": "model", "created": created, "owned_by": "onecard",
+                          "root": spec.source, "parent": None, "max_model_len": spec.max_model_len,
+                          "onecard": info})
+            for alias in spec.aliases:
+                cards.append({"id": alias, "object": "model", "created": created, "owned_by": "onecard",
+                              "root": spec.source, "parent": spec.name, "max_model_len": spec.max_model_len,
+                              "onecard": {**info, "kind": "alias", "base": spec.name}})
+            for name, ad in spec.lora.adapters.items():
+                cards.append({"id": name, "object": "model", "created": created, "owned_by": "onecard",
+                              "root": ad.path, "parent": spec.name, "max_model_len": spec.max_model_len,
+                              "onecard": {**info, "kind": "adapter", "base": spec.name,
+                                          "loaded": name in engine.adapters}})
+        return cards

@@ -1,0 +1,194 @@
+"""Forward one request to an engine: status and headers first, then the bytes as they come.
+
+::
+
+    proxy = Proxy(client, metrics)
+    response = await proxy.forward(call, engine)   # call: what the handler parsed
+
+Streams are relayed event by event, never buffered; when the client goes away, Starlette cancels
+the relay and ``finally`` closes the upstream response, so the engine aborts the request too.
+When the gateway asked the engine for usage on its own account (to count tokens), the usage-only
+event is taken out again, so the client receives exactly what it would have without the gateway.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from engines.engine import Engine, last_error_line
+from engines.errors import EngineCrashed, EngineError
+from gateway.errors import error_response, sse_error_event
+from gateway.metrics import Metrics
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "te", "trailer",
+     "upgrade", "proxy-authenticate", "proxy-authorization"}
+)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Call:
+    """One parsed client request, ready to forward."""
+
+    path: str
+    body: bytes
+    model: str  # the registry model (metrics label)
+    stream: bool
+    strip_usage: bool = False  # the gateway added include_usage; hide the usage event from the client
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class StreamStats:
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    usage: dict[str, int] | None = None
+
+
+def upstream_headers(resp: httpx.Response, extra: dict[str, str]) -> dict[str, str]:
+    headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers.update(extra)
+    return headers
+
+
+class Proxy:
+    def __init__(self, client: httpx.AsyncClient, metrics: Metrics) -> None:
+        self.client = client
+        self.metrics = metrics
+
+    def _request(self, engine: Engine, call: Call) -> httpx.Request:
+        return self.client.build_request(
+            "POST",
+            engine.base_url + call.path,
+            content=call.body,
+            headers={"content-type": "application/json", "accept": "*/*"},
+        )
+
+    async def forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
+        """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over."""
+        try:
+            upstream = await self.client.send(self._request(engine, call), stream=True)
+        except httpx.HTTPError as e:
+            release()
+            return self._fail(call, engine, e)
+        if not call.stream or upstream.status_code != 200 or not upstream.headers.get(
+            "content-type", ""
+        ).startswith("text/event-stream"):
+            try:
+                body = await upstream.aread()
+            except httpx.HTTPError as e:
+                return self._fail(call, engine, e)
+            finally:
+                await upstream.aclose()
+                release()
+            self._account_body(call, upstream.status_code, body)
+            return Response(body, status_code=upstream.status_code,
+                            headers=upstream_headers(upstream, call.extra_headers))
+        return StreamingResponse(
+            self.relay(call, engine, upstream, release),
+            status_code=200,
+            headers=upstream_headers(upstream, {**SSE_HEADERS, **call.extra_headers}),
+        )
+
+    async def relay(
+        self, call: Call, engine: Engine, upstream: httpx.Response, release: Callable[[], None]
+    ) -> AsyncIterator[bytes]:
+        """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
+        stats = StreamStats()
+        status = 200
+        pending = b""
+        try:
+            async for chunk in upstream.aiter_raw():
+                now = time.perf_counter()
+                if stats.first_token_at is None:
+                    stats.first_token_at = now
+                stats.last_token_at = now
+                if pending or not chunk.endswith(b"\n\n") or b'"usage"' in chunk:
+                    pending += chunk
+                    out, pending = self._events(pending, call, stats)
+                    if out:
+                        yield out
+                else:
+                    yield chunk
+            if pending:
+                yield pending
+        except httpx.HTTPError as e:
+            status = 502
+            yield sse_error_event(self._engine_error(engine, e))
+        finally:
+            await upstream.aclose()
+            release()
+            self._account_stream(call, status, stats)
+
+    def _events(self, buf: bytes, call: Call, stats: StreamStats) -> tuple[bytes, bytes]:
+        """Split complete SSE events off ``buf``; read (and maybe hide) the usage event."""
+        *events, rest = buf.split(b"\n\n")
+        out = bytearray()
+        for ev in events:
+            if b'"usage"' in ev and ev.startswith(b"data: {"):
+                try:
+                    data = orjson.loads(ev[6:])
+                except orjson.JSONDecodeError:
+                    data = None
+                if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                    stats.usage = data["usage"]
+                    if call.strip_usage and not data.get("choices"):
+                        continue
+            out += ev + b"\n\n"
+        return bytes(out), rest
+
+    def _account_body(self, call: Call, status: int, body: bytes) -> None:
+        duration = time.perf_counter() - call.started
+        self.metrics.observe_request(call.model, str(status), duration)
+        if status == 200 and b'"usage"' in body:
+            try:
+                usage = orjson.loads(body).get("usage")
+            except (orjson.JSONDecodeError, AttributeError):
+                usage = None
+            if isinstance(usage, dict):
+                self.metrics.observe_tokens(
+                    call.model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+                    ttft_s=None, decode_s=None,
+                )
+
+    def _account_stream(self, call: Call, status: int, stats: StreamStats) -> None:
+        duration = time.perf_counter() - call.started
+        self.metrics.observe_request(call.model, str(status), duration)
+        ttft = None if stats.first_token_at is None else stats.first_token_at - call.started
+        decode = (
+            None if stats.first_token_at is None or stats.last_token_at is None
+            else stats.last_token_at - stats.first_token_at
+        )
+        usage = stats.usage or {}
+        self.metrics.observe_tokens(
+            call.model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
+            ttft_s=ttft, decode_s=decode,
+        )
+
+    def _engine_error(self, engine: Engine, e: httpx.HTTPError) -> EngineError:
+        alive = engine.process is not None and engine.process.returncode is None
+        tail = engine.log_tail(30)
+        if not alive:
+            return EngineCrashed(
+                f"model {engine.name}: the engine exited while serving this request"
+                + (f"; last log line: {last_error_line(tail)}" if tail else ""),
+                model=engine.name, log_tail=tail,
+            )
+        if isinstance(e, httpx.TimeoutException):
+            return EngineError(f"model {engine.name}: the engine did not answer in time ({type(e).__name__})",
+                               model=engine.name)
+        return EngineError(f"model {engine.name}: the connection to the engine failed: {type(e).__name__}: {e}",
+                           model=engine.name)
+
+    def _fail(self, call: Call, engine: Engine, e: httpx.HTTPError) -> Response:
+        err = self._engine_error(engine, e)
+        self.metrics.observe_request(call.model, "502", time.perf_counter() - call.started)
+        return error_response(err)

@@ -1,0 +1,139 @@
+"""Running the gateway: ``serve`` (any registry), ``demo`` (tiny CPU models, built on first run), ``ps``.
+
+::
+
+    serve(Settings(registry_path=Path("model_registry.yaml"), port=8000))
+    demo(port=8000)     # sets up the CPU engine and tiny models on first run, then serves them
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Two tiny models cannot be resident together under this budget (each plans at about 1 GiB on the CPU).
+DEMO_BUDGET_GIB = 1.5
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get a grace period, then every engine stops."""
+    import uvicorn
+
+    from gateway.app import create_app
+
+    configure_logging(log_level.upper())
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
+    uvicorn.Server(config).run()
+
+
+def demo_registry(path: Path, *, models_dir: Path, executable: Path) -> Path:
+    """A registry of the tiny CPU models: two bases that cannot share the budget, one LoRA adapter."""
+    data: dict[str, Any] = {
+        "gpu": {"budget_gib": DEMO_BUDGET_GIB, "headroom_gib": 0.0, "platform": "cpu"},
+        "vllm": {"executable": str(executable)},
+        "scheduler": {"max_wait_s": 30, "max_queue": 256, "keepalive_s": 10},
+        "models": [
+            {
+                "name": "tiny-llama",
+                "aliases": ["candidate"],
+                "source": str(models_dir / "tiny-llama"),
+                "dtype": "float32",
+                "max_model_len": 512,
+                "start_timeout_s": 180,
+                "lora": {
+                    "enabled": True,
+                    "max_rank": 8,
+                    "max_loras": 2,
+                    "adapters": {"tiny-lora": {"path": str(models_dir / "tiny-lora"), "rank": 8}},
+                },
+            },
+            {
+                "name": "tiny-llama-b",
+                "aliases": ["judge"],
+                "source": str(models_dir / "tiny-llama-b"),
+                "dtype": "float32",
+                "max_model_len": 512,
+                "start_timeout_s": 180,
+            },
+        ],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# The demo registry: tiny random-weight models built locally for a machine without a GPU.\n"
+        + yaml.safe_dump(data, sort_keys=False)
+    )
+    return path
+
+
+def prepare_demo(home: Path | None = None, *, run_dir: Path) -> Path:
+    """Set up the CPU vLLM environment and the tiny models (cached), write the demo registry."""
+    from engines.cpu_setup import build_demo_models, default_home, setup_cpu_engine
+
+    home = home or default_home()
+    executable = setup_cpu_engine(home)
+    models = build_demo_models(home / "demo-models")
+    return demo_registry(run_dir / "demo_registry.yaml", models_dir=models.base.parent, executable=executable)
+
+
+def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = None) -> None:
+    run_dir = run_dir or Path(os.environ.get("ONECARD_RUN_DIR", ".onecard"))
+    print("onecard demo: preparing the CPU engine and tiny models (only the first run takes minutes)...",
+          flush=True)
+    registry = prepare_demo(run_dir=run_dir)
+    url = f"http://{host}:{port}"
+    print(
+        f"\nonecard demo: serving {registry} at {url}/v1\n"
+        f"  models:  curl {url}/v1/models\n"
+        f"  try:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        "             -d '{\"model\": \"candidate\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}],"
+        " \"max_tokens\": 16}'\n"
+        "  (the first request to a model starts its engine: about 20-40 s on a CPU)\n",
+        flush=True,
+    )
+    serve(Settings.from_env(registry, host=host, port=port, run_dir=run_dir))
+
+
+def ps(url: str, *, admin_key: str | None = None) -> str:
+    """The engines table of a running gateway."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    r = httpx.get(f"{url.rstrip('/')}/admin/engines", headers=headers, timeout=10, trust_env=False)
+    r.raise_for_status()
+    data = r.json()
+    cols = ("model", "state", "pid", "port", "uptime_s", "in_flight", "queued", "footprint_gib", "adapters")
+    rows = [cols] + [
+        tuple("-" if row.get(c) in (None, [], "") else (",".join(row[c]) if isinstance(row[c], list) else str(row[c]))
+              for c in cols)
+        for row in data["engines"]
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for lease in data.get("leases", []):
+        lines.append(f"lease {lease.get('id')}: {lease.get('gib')} GiB held by pid {lease.get('pid')} "
+                     f"({lease.get('state')})")
+    if data.get("reserved_gib"):
+        lines.append(f"reserved by leases: {data['reserved_gib']} GiB")
+    return "\n".join(lines)
