@@ -118,7 +118,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
     @app.get("/metrics")
     async def metrics_route(request: Request) -> Response:
         gw: Gateway = request.app.state.gw
-        body, content_type = gw.metrics.render()
+        body, content_type = await asyncio.to_thread(gw.metrics.render)
         return Response(body, media_type=content_type)
 
     app.add_middleware(KeyAuth, settings=settings)
@@ -176,7 +176,10 @@ async def scrape_engines(gw: Gateway) -> None:
                 text = await engine.api.metrics_text()
             except httpx.HTTPError:
                 continue
-            gw.metrics.update_engine_metrics(name, text)
+            try:
+                await asyncio.to_thread(gw.metrics.update_engine_metrics, name, text)
+            except ValueError as e:
+                log.warning("engine %s: unreadable /metrics: %s", name, e)
 
 
 async def watch_gpu(gw: Gateway, probe: GpuProbe) -> None:
