@@ -388,10 +388,17 @@ class Engine:
             self.adapters.discard(name)
 
 
+#: Lines that wrap the real cause ("See root cause above") and so say little on their own.
+_GENERIC = ("root cause", "see stack trace", "engine core initialization failed", "traceback (most recent")
+_ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
+
+
 def last_error_line(tail: tuple[str, ...]) -> str:
-    """The most telling line of a log tail: the last one that names an error, else the last one."""
-    for line in reversed(tail):
-        low = line.lower()
-        if any(k in low for k in ("error", "exception", "out of memory", "illegal", "refused", "invalid")):
-            return line.strip()
+    """The most telling line of a log tail: the last error line that is not a generic wrapper."""
+    errorish = [line.strip() for line in tail if any(k in line.lower() for k in _ERRORISH)]
+    specific = [line for line in errorish if not any(g in line.lower() for g in _GENERIC)]
+    if specific:
+        return specific[-1]
+    if errorish:
+        return errorish[-1]
     return tail[-1].strip() if tail else ""

@@ -4,24 +4,40 @@ Per engine::
 
     weights  = quantized linear params x bits/8  +  unquantized parts (embeddings, lm_head, norms) x 2 bytes
     kv       = 2 x layers x kv_heads x head_dim x bytes(kv dtype)  x  max_model_len x concurrent_seqs
-    overhead = RUNTIME_OVERHEAD_GIB (CUDA context, activations, graphs)
+    overhead = RUNTIME_OVERHEAD_GIB (CUDA context, activations, graphs)  +  LoRA slots when LoRA is enabled
     total    = weights - cpu_offload + kv + overhead
+
+Verdicts: ``fits`` alone within budget - headroom; ``needs_offload`` when only moving weights to host RAM
+(``--cpu-offload-gb``) makes it fit; ``never_fits`` when KV cache and runtime alone exceed the card.
 
 Use::
 
-    >>> plan = plan_registry(load_registry("model_registry.yaml"))
+    >>> registry = load_registry("model_registry.yaml")
+    >>> plan = plan_registry(registry)
     >>> plan.model("llama-3.1-8b-fp8").verdict
     <Verdict.FITS: 'fits'>
+    >>> problems, warnings = check_plan(registry, plan)   # what `onecard check` adds to validation
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from itertools import combinations
+from pathlib import Path
 
-from engines.registry import Architecture, ModelSpec, Platform, Quantization, Registry, model_architecture
+from engines.registry import (
+    Architecture,
+    LoraSpec,
+    ModelSpec,
+    Platform,
+    Quantization,
+    Registry,
+    RegistryError,
+    load_registry,
+    model_architecture,
+)
 
 GIB = 1024**3
 
@@ -52,6 +68,9 @@ KV_BYTES: dict[str, float] = {
 
 #: Co-residency sets are enumerated exactly up to this many fitting models, greedily above.
 MAX_EXACT_SETS = 16
+
+#: The budget used for ``gpu.budget_gib: auto`` when NVML finds no GPU.
+FALLBACK_BUDGET_GIB = 24.0
 
 
 class Verdict(StrEnum):
@@ -84,16 +103,39 @@ def count_params(arch: Architecture) -> ParamCount:
     router = h * arch.num_local_experts if arch.num_local_experts > 1 else 0
     norms = arch.num_hidden_layers * 2 * h + h
     embed = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    return ParamCount(linear=float(linear), unquantized=float(embed + norms + arch.num_hidden_layers * router))
+    unquantized = embed + norms + arch.num_hidden_layers * router
+    return ParamCount(linear=float(linear), unquantized=float(unquantized))
+
+
+def _bits(quant: Quantization, dtype_bytes: float) -> float:
+    return BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else dtype_bytes * 8
 
 
 def weight_bytes(params: ParamCount, quant: Quantization, dtype_bytes: float = 2.0) -> float:
-    bits = BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else dtype_bytes * 8
-    return params.linear * bits / 8 + params.unquantized * dtype_bytes
+    """Linear layers at the quantization's bits (scales included), the rest at ``dtype_bytes``."""
+    return params.linear * _bits(quant, dtype_bytes) / 8 + params.unquantized * dtype_bytes
 
 
 def kv_bytes_per_token(arch: Architecture, kv_dtype_bytes: float) -> float:
+    """K and V, every layer, every KV head: ``2 x layers x kv_heads x head_dim x bytes``."""
     return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.kv_head_dim * kv_dtype_bytes
+
+
+def lora_bytes(arch: Architecture, lora: LoraSpec, dtype_bytes: float = 2.0) -> float:
+    """GPU memory vLLM reserves for LoRA slots: ``max_loras`` adapters of ``max_rank`` on every projection.
+
+    Each projection ``in -> out`` holds A (rank x in) and B (out x rank) per slot, at the model's
+    activation dtype; q, k, v, o and gate, up, down (per expert) on every layer. Zero when LoRA is off.
+    """
+    if not lora.enabled:
+        return 0.0
+    h = arch.hidden_size
+    q_out = arch.num_attention_heads * arch.kv_head_dim
+    kv_out = arch.num_key_value_heads * arch.kv_head_dim
+    i = arch.intermediate_size
+    attn = (h + q_out) + 2 * (h + kv_out) + (q_out + h)
+    mlp = (2 * (h + i) + (i + h)) * arch.num_local_experts
+    return float(arch.num_hidden_layers * (attn + mlp) * lora.max_rank * lora.max_loras * dtype_bytes)
 
 
 def _dtype_bytes(model: ModelSpec) -> float:
@@ -108,7 +150,11 @@ def _kv_dtype_bytes(model: ModelSpec) -> float:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """One engine's footprint and verdict, with the reasoning in ``notes``."""
+    """One engine's footprint and verdict, with the reasoning in ``notes``.
+
+    ``overhead_gib`` is the runtime constant plus ``lora_gib``; ``total_gib`` is what stays on the card
+    (weights - offload + kv + overhead).
+    """
 
     name: str
     weights_gib: float
@@ -120,6 +166,7 @@ class ModelPlan:
     kv_cache_bytes: int
     notes: tuple[str, ...] = ()
     measured_gib: float | None = None
+    lora_gib: float = 0.0
 
     @property
     def resident_gib(self) -> float:
@@ -132,6 +179,7 @@ class ModelPlan:
             "weights_gib": round(self.weights_gib, 2),
             "kv_gib": round(self.kv_gib, 2),
             "overhead_gib": round(self.overhead_gib, 2),
+            "lora_gib": round(self.lora_gib, 2),
             "total_gib": round(self.total_gib, 2),
             "verdict": self.verdict.value,
             "offload_gib": round(self.offload_gib, 2),
@@ -181,28 +229,68 @@ class Plan:
         }
 
 
-def plan_model(model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform) -> ModelPlan:
+def runtime_overhead_gib(platform: Platform) -> float:
+    return CPU_RUNTIME_OVERHEAD_GIB if platform is Platform.CPU else RUNTIME_OVERHEAD_GIB
+
+
+def max_len_that_fits(
+    model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform
+) -> int:
+    """The largest ``max_model_len`` (a multiple of 256) that fits with no offload; 0 if none does."""
+    if arch is None:
+        return 0
+    dtype = _dtype_bytes(model)
+    weights = weight_bytes(count_params(arch), model.effective_quantization, dtype)
+    fixed = weights + lora_bytes(arch, model.lora, dtype)
+    room = usable_gib * GIB - fixed - runtime_overhead_gib(platform) * GIB
+    per_len = kv_bytes_per_token(arch, _kv_dtype_bytes(model)) * model.concurrent_seqs
+    return max(0, int(room // per_len) // 256 * 256) if room > 0 else 0
+
+
+def _never_fits_fix(
+    model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform
+) -> tuple[str, str]:
+    """(field, fix) for a model whose KV cache and runtime alone exceed the card."""
+    if arch is None:  # no KV figure: the runtime alone is too big for the budget
+        return "gpu.budget_gib", "raise gpu.budget_gib or lower gpu.headroom_gib"
+    best = max_len_that_fits(model, arch, usable_gib=usable_gib, platform=platform)
+    if best:
+        return "max_model_len", f"lower max_model_len to at most {best} or lower concurrent_seqs"
+    return "max_model_len", "lower max_model_len or concurrent_seqs (or use kv_cache_dtype: fp8)"
+
+
+def plan_model(
+    model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform
+) -> ModelPlan:
     """Footprint and verdict of one model alone on a card with ``usable_gib`` free."""
     notes: list[str] = []
     quant = model.effective_quantization
+    dtype = _dtype_bytes(model)
+    lora = 0.0
     if arch is not None:
         params = count_params(arch)
-        weights = weight_bytes(params, quant, _dtype_bytes(model))
+        weights = weight_bytes(params, quant, dtype)
         kv = kv_bytes_per_token(arch, _kv_dtype_bytes(model)) * model.max_model_len * model.concurrent_seqs
+        lora = lora_bytes(arch, model.lora, dtype)
         notes.append(
-            f"{params.total / 1e9:.2f}B params ({params.linear / 1e9:.2f}B at "
-            f"{BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else _dtype_bytes(model) * 8:.2f} bits, "
-            f"{params.unquantized / 1e9:.2f}B at {_dtype_bytes(model) * 8:.0f} bits)"
+            f"{params.total / 1e9:.2f}B params "
+            f"({params.linear / 1e9:.2f}B at {_bits(quant, dtype):.2f} bits, "
+            f"{params.unquantized / 1e9:.2f}B at {dtype * 8:.0f} bits); KV for {model.concurrent_seqs} x "
+            f"{model.max_model_len} tokens"
         )
     else:
-        assert model.params_b is not None
-        bits = BITS_PER_WEIGHT[quant] if quant is not Quantization.NONE else _dtype_bytes(model) * 8
-        weights = model.params_b * 1e9 * bits / 8
+        assert model.params_b is not None  # the registry requires architecture or params_b
+        weights = model.params_b * 1e9 * _bits(quant, dtype) / 8
         kv = 0.0
-        notes.append(f"{model.params_b}B declared params at {bits:.2f} bits; no architecture, KV not sized")
-    overhead = CPU_RUNTIME_OVERHEAD_GIB if platform is Platform.CPU else RUNTIME_OVERHEAD_GIB
-    weights_gib = weights / GIB
-    kv_gib = kv / GIB
+        notes.append(f"{model.params_b}B declared params at {_bits(quant, dtype):.2f} bits; KV not sized")
+    if lora:
+        notes.append(
+            f"LoRA slots: {model.lora.max_loras} x rank {model.lora.max_rank} = "
+            f"{lora / GIB:.2f} GiB (in overhead)"
+        )
+    runtime = runtime_overhead_gib(platform)
+    weights_gib, kv_gib, lora_gib = weights / GIB, kv / GIB, lora / GIB
+    overhead = runtime + lora_gib
     need = weights_gib + kv_gib + overhead
     verdict = Verdict.FITS
     offload = 0.0
@@ -210,19 +298,20 @@ def plan_model(model: ModelSpec, arch: Architecture | None, *, usable_gib: float
         short = need - usable_gib
         if kv_gib + overhead >= usable_gib:
             verdict = Verdict.NEVER_FITS
+            _, fix = _never_fits_fix(model, arch, usable_gib=usable_gib, platform=platform)
             notes.append(
                 f"KV cache ({kv_gib:.1f} GiB) and runtime ({overhead:.1f} GiB) alone exceed the "
-                f"{usable_gib:.1f} GiB usable; lower max_model_len or concurrent_seqs"
+                f"{usable_gib:.1f} GiB usable; {fix}"
             )
         else:
             verdict = Verdict.NEEDS_OFFLOAD
-            offload = max(model.cpu_offload_gib, math.ceil(short * 2) / 2)
+            offload = min(weights_gib, max(model.cpu_offload_gib, math.ceil(short * 2) / 2))
             notes.append(
-                f"{need:.1f} GiB needed but {usable_gib:.1f} GiB usable: offload at least {short:.1f} GiB "
-                f"of weights to host RAM (--cpu-offload-gb); expect a few tokens/s"
+                f"{need:.1f} GiB needed but {usable_gib:.1f} GiB usable: offload {offload:g} GiB of weights "
+                f"to host RAM (--cpu-offload-gb); expect a few tokens/s"
             )
             if model.cpu_offload_gib < short:
-                notes.append(f"set cpu_offload_gib to at least {math.ceil(short)} in the registry")
+                notes.append(f"set cpu_offload_gib to at least {math.ceil(short * 2) / 2:g} in the registry")
     total = need - offload
     return ModelPlan(
         name=model.name,
@@ -232,8 +321,9 @@ def plan_model(model: ModelSpec, arch: Architecture | None, *, usable_gib: float
         offload_gib=offload,
         total_gib=total,
         verdict=verdict,
-        kv_cache_bytes=int(kv) if kv else 0,
+        kv_cache_bytes=int(kv),
         notes=tuple(notes),
+        lora_gib=lora_gib,
     )
 
 
@@ -245,7 +335,8 @@ def co_resident_sets(models: tuple[ModelPlan, ...], usable_gib: float) -> tuple[
         for k in range(len(fit), 1, -1):
             for combo in combinations(fit, k):
                 names = frozenset(m.name for m in combo)
-                if sum(m.resident_gib for m in combo) <= usable_gib + 1e-9 and not any(names < f for f in found):
+                fits = sum(m.resident_gib for m in combo) <= usable_gib + 1e-9
+                if fits and not any(names < f for f in found):
                     found.append(names)
     else:  # greedy: smallest first
         chosen: list[ModelPlan] = []
@@ -257,24 +348,50 @@ def co_resident_sets(models: tuple[ModelPlan, ...], usable_gib: float) -> tuple[
     return tuple(sorted((tuple(sorted(s)) for s in found), key=lambda s: (-len(s), s)))
 
 
+def detect_budget_gib() -> float | None:
+    """Total memory of GPU 0 from NVML, in GiB; None when there is no GPU or no driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no pynvml, no driver, no device: all mean "no GPU here"
+        return None
+    return float(total) / GIB
+
+
 def plan_registry(
     registry: Registry,
     *,
     budget_gib: float | None = None,
     measured_gib: dict[str, float] | None = None,
 ) -> Plan:
-    """The whole plan. ``budget_gib`` overrides the registry (and 'auto'); ``measured_gib`` replaces estimates."""
+    """The whole plan.
+
+    ``budget_gib`` overrides the registry (and 'auto', which asks NVML); ``measured_gib`` (model name ->
+    GiB measured on the card) replaces estimates for co-residency.
+    """
     gpu = registry.gpu
-    if budget_gib is None:
-        budget_gib = 24.0 if gpu.budget_gib == "auto" else float(gpu.budget_gib)
+    warnings = list(registry.warnings)
+    if budget_gib is None and gpu.budget_gib == "auto":
+        budget_gib = detect_budget_gib()
+        if budget_gib is None:
+            budget_gib = FALLBACK_BUDGET_GIB
+            warnings.append(
+                f"gpu.budget_gib is 'auto' but no GPU was found; planned for {FALLBACK_BUDGET_GIB:g} GiB"
+            )
+    elif budget_gib is None:
+        budget_gib = float(gpu.budget_gib)
     usable = budget_gib - gpu.headroom_gib
     plans: list[ModelPlan] = []
     for m in registry.models:
         p = plan_model(m, model_architecture(registry, m), usable_gib=usable, platform=gpu.platform)
         if measured_gib and m.name in measured_gib:
-            p = ModelPlan(**{**p.__dict__, "measured_gib": measured_gib[m.name]})
+            p = replace(p, measured_gib=measured_gib[m.name])
         plans.append(p)
-    warnings = list(registry.warnings)
     if gpu.platform is Platform.CPU:
         warnings.append("platform cpu: sleep frees no memory here, so it is never counted as freeing room")
     models = tuple(plans)
@@ -286,6 +403,56 @@ def plan_registry(
         co_resident_sets=co_resident_sets(models, usable),
         warnings=tuple(warnings),
     )
+
+
+def check_plan(registry: Registry, plan: Plan) -> tuple[list[str], list[str]]:
+    """Registry problems only the plan can see, as (problems, warnings) in the registry's message style.
+
+    A model that can never fit and pinned models that cannot share the card are problems; an offload
+    the entry does not carry (the plan adds it anyway) is a warning.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    path = registry.path
+    for spec in registry.models:
+        mp = plan.model(spec.name)
+        where = f"{path}: model {spec.name!r}"
+        if mp.verdict is Verdict.NEVER_FITS:
+            arch = model_architecture(registry, spec)
+            field_name, fix = _never_fits_fix(spec, arch, usable_gib=plan.usable_gib, platform=plan.platform)
+            problems.append(
+                f"{where}: field '{field_name}': this model can never fit: KV cache ({mp.kv_gib:.1f} GiB for "
+                f"{spec.concurrent_seqs} x {spec.max_model_len} tokens) and runtime "
+                f"({mp.overhead_gib:.1f} GiB) alone exceed the {plan.usable_gib:g} GiB usable; {fix}"
+            )
+        elif mp.verdict is Verdict.NEEDS_OFFLOAD and spec.cpu_offload_gib < mp.offload_gib:
+            warnings.append(
+                f"{where}: field 'cpu_offload_gib': it does not fit on the card; the plan offloads "
+                f"{mp.offload_gib:g} GiB of weights to host RAM; write cpu_offload_gib: {mp.offload_gib:g}"
+            )
+        elif mp.verdict is Verdict.FITS and spec.cpu_offload_gib > 0:
+            warnings.append(
+                f"{where}: field 'cpu_offload_gib': ignored, the model fits without offload; remove it"
+            )
+    pinned = [m.name for m in registry.models if m.pinned]
+    if len(pinned) > 1 and not plan.can_coreside(set(pinned)):
+        need = sum(plan.model(n).resident_gib for n in pinned)
+        problems.append(
+            f"{path}: models {', '.join(map(repr, pinned))}: field 'pinned': pinned models must all stay on "
+            f"the card, but together they need {need:.1f} GiB of the {plan.usable_gib:g} GiB usable; "
+            "unpin some of them"
+        )
+    return problems, warnings
+
+
+def check_registry(path: str | Path, *, budget_gib: float | None = None) -> list[str]:
+    """Every problem in a registry file: validation, then what the plan shows; empty when it is fine."""
+    try:
+        registry = load_registry(path)
+    except RegistryError as e:
+        return list(e.problems)
+    problems, _ = check_plan(registry, plan_registry(registry, budget_gib=budget_gib))
+    return problems
 
 
 def vllm_memory_args(plan: ModelPlan, *, budget_gib: float, platform: Platform) -> list[str]:
@@ -310,26 +477,34 @@ def format_plan(plan: Plan) -> str:
             f"{m.weights_gib:.2f}",
             f"{m.kv_gib:.2f}",
             f"{m.overhead_gib:.2f}",
-            f"{m.offload_gib:.1f}" if m.offload_gib else "-",
+            f"-{m.offload_gib:.2f}" if m.offload_gib else "-",
             f"{m.total_gib:.2f}",
             m.verdict.value,
         )
         for m in plan.models
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    left = {0, len(head) - 1}  # names and verdicts read left to right; numbers align on the right
+
+    def line(cells: tuple[str, ...]) -> str:
+        pairs = enumerate(zip(cells, widths, strict=True))
+        padded = (c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in pairs)
+        return "  ".join(padded).rstrip()
+
     lines = [
-        f"GPU budget {plan.budget_gib:g} GiB, headroom {plan.headroom_gib:g} GiB, usable {plan.usable_gib:g} GiB "
-        f"({plan.platform.value}); figures in GiB",
+        f"GPU budget {plan.budget_gib:g} GiB, headroom {plan.headroom_gib:g} GiB, "
+        f"usable {plan.usable_gib:g} GiB ({plan.platform.value}); figures in GiB",
         "",
+        line(head),
+        "  ".join("-" * w for w in widths),
     ]
-    for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 or j == 6 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines += [line(r) for r in rows[1:]]
     lines.append("")
     lines.append("Can share the card:")
     if plan.co_resident_sets:
-        lines += [f"  {' + '.join(s)}" for s in plan.co_resident_sets]
+        for names in plan.co_resident_sets:
+            together = sum(plan.model(n).resident_gib for n in names)
+            lines.append(f"  {' + '.join(names)}  ({together:.2f})")
     else:
         lines.append("  (none: every model runs alone)")
     notes = [(m.name, n) for m in plan.models if m.verdict is not Verdict.FITS for n in m.notes[1:]]
