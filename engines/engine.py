@@ -242,7 +242,7 @@ class Engine:
         argv = build_argv(self.launch, model=self.spec, plan=self.plan, port=self.port)
         env = build_env(self.launch, model=self.spec, engine_id=self.engine_id, tmpdir=tmpdir)
         self.process = proc = EngineProcess(self.name, argv, env=env, log_path=run_dir / "logs" / f"{self.name}.log")
-        self.adapters = set(self.spec.lora.adapters) if self.spec.lora.enabled else set()
+        self.adapters = {n for n, ad in self.spec.lora.adapters.items() if ad.preload} if self.spec.lora.enabled else set()
         try:
             await proc.spawn()
         except OSError as e:

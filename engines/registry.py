@@ -128,8 +128,11 @@ class LoraSpec(_Strict):
 
 
 class AdapterSpec(_Strict):
+    """A LoRA adapter: loaded at runtime on first use, or at engine start with ``preload: true``."""
+
     path: Annotated[str, Field(min_length=1)]
     rank: Annotated[int, Field(gt=0)] | None = None
+    preload: bool = False
 
 
 class ModelSpec(_Strict):

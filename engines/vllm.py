@@ -63,7 +63,9 @@ def build_argv(cfg: LaunchConfig, *, model: ModelSpec, plan: ModelPlan, port: in
     argv.append("--enable-prefix-caching" if model.enable_prefix_caching else "--no-enable-prefix-caching")
     if model.lora.enabled:
         argv += ["--enable-lora", "--max-lora-rank", str(model.lora.max_rank), "--max-loras", str(model.lora.max_loras)]
-        startup = [f"{name}={_adapter_path(cfg, ad.path)}" for name, ad in model.lora.adapters.items()]
+        startup = [
+            f"{name}={_adapter_path(cfg, ad.path)}" for name, ad in model.lora.adapters.items() if ad.preload
+        ]
         if startup:
             argv += ["--lora-modules", *startup]
     if cfg.sleep_supported and model.sleep_level > 0:

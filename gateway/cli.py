@@ -4,6 +4,11 @@
 
     onecard check [REGISTRY]                          # validate; exit 1 listing every problem
     onecard plan  [REGISTRY] [--budget-gib N] [--json]  # what fits on the card, and how
+    onecard serve [--registry R] [--host 127.0.0.1] [--port 8000]
+    onecard demo  [--port 8000]                       # tiny CPU models, set up on first run
+    onecard ps    [--url http://127.0.0.1:8000]       # the engines of a running gateway
+    onecard setup-cpu-engine                          # vLLM for the CPU, in its own venv (cached)
+    onecard demo-models DIR                           # build the tiny models offline
 
 REGISTRY defaults to ``$ONECARD_REGISTRY``, else ``model_registry.yaml`` in the current directory.
 
@@ -158,11 +163,124 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- onecard serve / demo / ps -------------------------------------------------------------------------------
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry", default=None, help=f"registry file (default: ${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY})"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--run-dir", default=None, help="state, logs and engine temp folders (default $ONECARD_RUN_DIR or .onecard)"
+    )
+    p.add_argument("--budget-gib", type=_positive_gib, default=None, help="override the registry's GPU budget")
+    p.add_argument("--vllm", default=None, metavar="EXECUTABLE", help="override the registry's vllm.executable")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.serve import serve
+    from gateway.settings import Settings
+
+    path = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
+    if _load(path) is None:
+        return 1
+    settings = Settings.from_env(
+        Path(path),
+        host=args.host,
+        port=args.port,
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        budget_gib=args.budget_gib,
+        executable=args.vllm,
+        cors_origins=tuple(args.cors_origin),
+    )
+    serve(settings, log_level=args.log_level)
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--run-dir", default=None)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.serve import demo
+
+    demo(host=args.host, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None)
+    return 0
+
+
+def _ps_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("ONECARD_URL", "http://127.0.0.1:8000"))
+
+
+def _ps(args: argparse.Namespace) -> int:
+    import httpx
+
+    from gateway.serve import ps
+
+    try:
+        print(ps(args.url, admin_key=_first_admin_key()))
+    except httpx.HTTPError as e:
+        print(f"error: cannot read {args.url}/admin/engines: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_admin_key() -> str | None:
+    from gateway.settings import read_keys
+
+    keys = sorted(read_keys(os.environ.get("ONECARD_ADMIN_KEYS")))
+    return keys[0] if keys else None
+
+
+def _setup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=None, help="where to build it (default $ONECARD_HOME or ~/.cache/onecard)")
+    p.add_argument("--force", action="store_true", help="rebuild even if it is ready")
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engines.cpu_setup import setup_cpu_engine
+
+    exe = setup_cpu_engine(Path(args.home) if args.home else None, force=args.force)
+    print(exe)
+    return 0
+
+
+def _demo_models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="folder to build the tiny models in")
+
+
+def _demo_models(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engines.cpu_setup import build_demo_models
+
+    models = build_demo_models(Path(args.dir))
+    print(f"base: {models.base}\nother: {models.other}\nlora: {models.lora}")
+    return 0
+
+
 # --- the one place subcommands are registered ---------------------------------------------------------------
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("check", "validate a registry file (and that every model can fit)", _check_args, _check),
     Subcommand("plan", "show each model's VRAM footprint and which can share the card", _plan_args, _plan),
+    Subcommand("serve", "run the gateway", _serve_args, _serve),
+    Subcommand("demo", "run the gateway with tiny CPU models (built on first run)", _demo_args, _demo),
+    Subcommand("ps", "show the engines of a running gateway", _ps_args, _ps),
+    Subcommand("setup-cpu-engine", "build vLLM for the CPU in its own virtual environment", _setup_args, _setup),
+    Subcommand("demo-models", "build the tiny demo models offline", _demo_models_args, _demo_models),
 )
 
 

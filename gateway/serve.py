@@ -101,16 +101,15 @@ def prepare_demo(home: Path | None = None, *, run_dir: Path) -> Path:
 
 def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = None) -> None:
     run_dir = run_dir or Path(os.environ.get("ONECARD_RUN_DIR", ".onecard"))
-    print("onecard demo: preparing the CPU engine and tiny models (only the first run takes minutes)...",
-          flush=True)
+    print("onecard demo: preparing the CPU engine and tiny models (only the first run takes minutes)...", flush=True)
     registry = prepare_demo(run_dir=run_dir)
     url = f"http://{host}:{port}"
     print(
         f"\nonecard demo: serving {registry} at {url}/v1\n"
         f"  models:  curl {url}/v1/models\n"
         f"  try:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        "             -d '{\"model\": \"candidate\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}],"
-        " \"max_tokens\": 16}'\n"
+        '             -d \'{"model": "candidate", "messages": [{"role": "user", "content": "Hello"}],'
+        ' "max_tokens": 16}\'\n'
         "  (the first request to a model starts its engine: about 20-40 s on a CPU)\n",
         flush=True,
     )
@@ -125,15 +124,18 @@ def ps(url: str, *, admin_key: str | None = None) -> str:
     data = r.json()
     cols = ("model", "state", "pid", "port", "uptime_s", "in_flight", "queued", "footprint_gib", "adapters")
     rows = [cols] + [
-        tuple("-" if row.get(c) in (None, [], "") else (",".join(row[c]) if isinstance(row[c], list) else str(row[c]))
-              for c in cols)
+        tuple(
+            "-" if row.get(c) in (None, [], "") else (",".join(row[c]) if isinstance(row[c], list) else str(row[c]))
+            for c in cols
+        )
         for row in data["engines"]
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for lease in data.get("leases", []):
-        lines.append(f"lease {lease.get('id')}: {lease.get('gib')} GiB held by pid {lease.get('pid')} "
-                     f"({lease.get('state')})")
+        lines.append(
+            f"lease {lease.get('id')}: {lease.get('gib')} GiB held by pid {lease.get('pid')} ({lease.get('state')})"
+        )
     if data.get("reserved_gib"):
         lines.append(f"reserved by leases: {data['reserved_gib']} GiB")
     return "\n".join(lines)

@@ -20,12 +20,16 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import standin_engine as se
 
 REPO = Path(__file__).resolve().parents[2]
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello there"},
+]
 
 
 def free_port() -> int:
@@ -231,7 +235,7 @@ def test_chat_stream_chunks_match_vllm(client: httpx.Client) -> None:
         **request, "logprobs": True, "top_logprobs": 2, "stream_options": {"continuous_usage_stats": True}}).text)
     entry = logprobs[1]["choices"][0]["logprobs"]["content"][0]
     assert entry["token"] == logprobs[1]["choices"][0]["delta"]["content"]
-    assert [t["token"] for t in entry["top_logprobs"]][0] == entry["token"] and len(entry["top_logprobs"]) == 2
+    assert entry["top_logprobs"][0]["token"] == entry["token"] and len(entry["top_logprobs"]) == 2
     assert logprobs[2]["usage"]["completion_tokens"] == 2
 
 
@@ -325,9 +329,9 @@ def test_errors_like_vllm(client: httpx.Client) -> None:
 def test_openai_sdk(main_engine: Engine) -> None:
     sdk = openai.OpenAI(base_url=f"{main_engine.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in sdk.models.list()][:2] == ["base", "alias"]
-    chat = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=3)  # type: ignore[arg-type]
+    chat = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=3)
     assert chat.choices[0].message.content == se.expected_text("base", se.render_chat(MESSAGES), 3)
-    stream = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=3, stream=True,  # type: ignore[arg-type]
+    stream = sdk.chat.completions.create(model="base", messages=MESSAGES, max_tokens=3, stream=True,
                                          stream_options={"include_usage": True})
     parts = list(stream)
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content
