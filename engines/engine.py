@@ -18,11 +18,13 @@ import contextlib
 import logging
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -84,6 +86,7 @@ class Engine:
         self.process: EngineProcess | None = None
         self.port: int | None = None
         self.engine_id: str | None = None
+        self.tmpdir: Path | None = None
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -220,6 +223,12 @@ class Engine:
                     continue
                 self._fail(e)
                 raise
+            except Exception as e:  # a bug or an OS error: fail like any start failure, with backoff
+                await self._cleanup_process()
+                err = EngineStartError(f"model {self.name} failed to start: {type(e).__name__}: {e}",
+                                       model=self.name, log_tail=self.log_tail(30))
+                self._fail(err)
+                raise err from e
             except BaseException:
                 await self._cleanup_process()
                 if self.state is EngineState.STARTING:
@@ -237,12 +246,14 @@ class Engine:
         self.port = free_port()
         self.engine_id = uuid.uuid4().hex[:12]
         run_dir = self.launch.run_dir
-        tmpdir = run_dir / "tmp" / f"{self.name}-{self.engine_id}"
+        # Short on purpose: vLLM puts ZMQ sockets here, and a socket path must fit in 107 bytes.
+        self.tmpdir = tmpdir = Path(tempfile.gettempdir()) / f"onecard-{self.engine_id}"
         tmpdir.mkdir(parents=True, exist_ok=True)
         argv = build_argv(self.launch, model=self.spec, plan=self.plan, port=self.port)
         env = build_env(self.launch, model=self.spec, engine_id=self.engine_id, tmpdir=tmpdir)
         self.process = proc = EngineProcess(self.name, argv, env=env, log_path=run_dir / "logs" / f"{self.name}.log")
-        self.adapters = {n for n, ad in self.spec.lora.adapters.items() if ad.preload} if self.spec.lora.enabled else set()
+        lora = self.spec.lora
+        self.adapters = {n for n, ad in lora.adapters.items() if ad.preload} if lora.enabled else set()
         try:
             await proc.spawn()
         except OSError as e:
@@ -306,7 +317,8 @@ class Engine:
         await proc.terminate(grace_s=self.policy.stop_grace_s)
         if self.engine_id:
             self.state_file.remove(self.engine_id)
-            shutil.rmtree(self.launch.run_dir / "tmp" / f"{self.name}-{self.engine_id}", ignore_errors=True)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     # --- stop, sleep, wake ------------------------------------------------------------------------
 

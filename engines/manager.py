@@ -357,6 +357,11 @@ class EngineManager:
             self.events.start_failed(name, e)
             self._fail_waiters(name, e)
             return
+        except Exception as e:  # never leave waiters hanging on a bug
+            log.exception("swap to %s failed", name)
+            err = EngineError(f"model {name}: could not be made resident: {type(e).__name__}: {e}", model=name)
+            self._fail_waiters(name, err)
+            return
         seconds = time.monotonic() - t0
         self.swaps.append(SwapRecord(time.time(), name, kind, victims, seconds, reason))
         del self.swaps[:-1000]

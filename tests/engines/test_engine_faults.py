@@ -54,10 +54,11 @@ async def test_start_ready_serve_stop(tmp_path: Path, client: httpx.AsyncClient)
     pid = e.pid
     assert pid is not None and alive(pid)
     assert [rec.pid for rec in e.state_file.records()] == [pid]
+    assert e.tmpdir is not None and e.tmpdir.is_dir()
     await e.stop()
     assert e.state is EngineState.STOPPED and not alive(pid)
     assert e.state_file.records() == []
-    assert not list((tmp_path / "run" / "tmp").iterdir())  # per-engine TMPDIR removed
+    assert not e.tmpdir.exists()  # the per-engine TMPDIR is removed
     assert "Starting vLLM API server" in (tmp_path / "run" / "logs" / "m.log").read_text()
 
 

@@ -22,26 +22,29 @@ As in vLLM, ``/sleep``, ``/wake_up`` and ``/is_sleeping`` exist only with ``VLLM
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` only with
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; other paths answer FastAPI's ``{"detail": "Not Found"}``.
 While asleep, generation requests wait until ``/wake_up`` (``/health`` and ``/tokenize`` still answer).
+Without ``--enable-sleep-mode``, ``/sleep`` still answers 200 and pauses generation (what vLLM does on
+CPU) and logs that nothing was freed. Loading an adapter needs ``--enable-lora`` (else 500), an existing
+path (else 404) and, when its ``adapter_config.json`` says, ``r <= --max-lora-rank`` (else 500).
 
 Fault and pacing knobs, read from the environment at start:
 
-================================ ====================================================================
-Variable (example)               Effect
-================================ ====================================================================
-``STANDIN_START_DELAY=2.5``      seconds of "loading" before the port opens (connection refused)
-``STANDIN_FAIL_START=msg``       after the start delay, print ``msg`` as a vLLM ERROR line, exit 1
-``STANDIN_OOM=1``                after the start delay, print vLLM's CUDA out-of-memory error, exit 1
-``STANDIN_CRASH_AFTER_TOKENS=5`` a request that has produced 5 tokens and needs a 6th kills the
-                                 process with ``os._exit(1)`` (streams: 5 chunks reach the client)
-``STANDIN_HANG=0.5``             0.5 s after the port opens the process blocks for ever: no answer
-                                 to anything (``/health`` too) and SIGTERM ignored; only SIGKILL
-``STANDIN_IGNORE_SIGTERM=1``     SIGTERM does nothing, from the first instant
-``STANDIN_SLOW_HEALTH=3``        every ``/health`` answer waits 3 s
-``STANDIN_TOKEN_DELAY=0.01``     seconds between generated tokens (default 0: yield to the loop)
-``STANDIN_FIRST_TOKEN_DELAY=0.2`` seconds before the first token (the "prefill")
-``STANDIN_WAKE_DELAY=1``         seconds ``/wake_up`` takes
-``STANDIN_FAIL_WAKE=msg``        ``/wake_up`` answers 500 with ``msg``; the engine stays asleep
-================================ ====================================================================
+=================================== ====================================================================
+Variable (example)                  Effect
+=================================== ====================================================================
+``STANDIN_START_DELAY=2.5``         seconds of "loading" before the port opens (connection refused)
+``STANDIN_FAIL_START=msg``          after the start delay, print ``msg`` as a vLLM ERROR line, exit 1
+``STANDIN_OOM=1``                   after the start delay, print vLLM's CUDA out-of-memory error, exit 1
+``STANDIN_CRASH_AFTER_TOKENS=5``    a request that has produced 5 tokens and needs a 6th kills the
+                                    process with ``os._exit(1)`` (streams: 5 chunks reach the client)
+``STANDIN_HANG=0.5``                0.5 s after the port opens the process blocks for ever: no answer
+                                    to anything (``/health`` too) and SIGTERM ignored; only SIGKILL
+``STANDIN_IGNORE_SIGTERM=1``        SIGTERM does nothing, from the first instant
+``STANDIN_SLOW_HEALTH=3``           every ``/health`` answer waits 3 s
+``STANDIN_TOKEN_DELAY=0.01``        seconds between generated tokens (default 0: yield to the loop)
+``STANDIN_FIRST_TOKEN_DELAY=0.2``   seconds before the first token (the "prefill")
+``STANDIN_WAKE_DELAY=1``            seconds ``/wake_up`` takes
+``STANDIN_FAIL_WAKE=msg``           ``/wake_up`` answers 500 with ``msg``; the engine stays asleep
+=================================== ====================================================================
 
 Tokenizer: ASCII text is cut into chunks of up to 4 characters (from the start of each ASCII run), each
 other character (and NUL) is one token. A chunk's id is its bytes read as a big-endian int, zero-padded
@@ -67,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import math
 import os
 import re
@@ -109,6 +113,7 @@ _MIN_CHUNK_ID: Final = 0x01000000
 _MAX_CHUNK_ID: Final = 0x7F7F7F7F
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _piece_id(piece: str) -> int:
     if len(piece) == 1 and not 0 < ord(piece) < 0x80:
         return ord(piece)
@@ -568,10 +573,14 @@ class _Job:
     def completion_tokens(self) -> int:
         return self.max_tokens * len(self.seqs)
 
-    def usage(self, completion_tokens: int | None = None) -> JSON:
-        done = self.completion_tokens if completion_tokens is None else completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens + done,
-                "completion_tokens": done}
+    def usage(self) -> JSON:
+        """Usage of the whole request (each prompt counted once, every choice's tokens)."""
+        return _usage(self.prompt_tokens, self.completion_tokens)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> JSON:
+    return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": completion_tokens}
 
 
 class _Run:
@@ -701,6 +710,7 @@ class StandInEngine:
         self.last_request: JSON = {}
         self.routes: dict[str, dict[str, Handler]] = {
             "/health": {"GET": self._health},
+            "/ping": {"GET": self._health, "POST": self._health},
             "/version": {"GET": self._version},
             "/v1/models": {"GET": self._models},
             "/v1/chat/completions": {"POST": self._chat},
@@ -784,7 +794,10 @@ class StandInEngine:
         await _respond(send, 200, orjson.dumps(body))
 
     async def _last_request(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _respond(send, 200, orjson.dumps(self.last_request))
+        last = dict(self.last_request)
+        if "headers" in last:
+            last["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in last["headers"]}
+        await _respond(send, 200, orjson.dumps(last))
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, self.metrics_text().encode(), b"text/plain; version=0.0.4; charset=utf-8")
@@ -842,11 +855,7 @@ class StandInEngine:
     def _admit(self, scope: Scope, req: JSON) -> tuple[str, str]:
         """Count and record an inference request; return (answering name, generation seed name)."""
         self.stats.requests += 1
-        self.last_request = {
-            "path": scope["path"],
-            "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
-            "body": req,
-        }
+        self.last_request = {"path": scope["path"], "headers": scope["headers"], "body": req}
         name = req.get("model")
         if name is not None and not isinstance(name, str):
             raise _bad("`model` must be a string.", "model")
@@ -874,9 +883,7 @@ class StandInEngine:
     def _job(self, scope: Scope, req: JSON, *, kind: str, model: str, seed_name: str,
              prompts: list[_Prompt], max_tokens: int | None) -> _Job:
         n = _int_field(req, "n", 1, minimum=1) or 1
-        tokens = 0
-        for prompt in prompts:
-            tokens = self._check_length(len(prompt.ids), max_tokens)
+        tokens = min(self._check_length(len(prompt.ids), max_tokens) for prompt in prompts)
         stream = bool(req.get("stream"))
         options = req.get("stream_options")
         if options is not None and not isinstance(options, dict):
@@ -884,12 +891,11 @@ class StandInEngine:
         if options and not stream:
             raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
         include_usage = bool(options.get("include_usage", True)) if options else False
-        seqs = [
-            _Seq(p * n + i, prompt, seed, generate_words(seed, tokens))
-            for p, prompt in enumerate(prompts)
-            for i in range(n)
-            for seed in (sequence_seed(seed_name, prompt.text, i),)
-        ]
+        seqs: list[_Seq] = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                seed = sequence_seed(seed_name, prompt.text, i)
+                seqs.append(_Seq(p * n + i, prompt, seed, generate_words(seed, tokens)))
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         return _Job(
             request_id=prefix + (_header(scope, b"x-request-id") or _random_id()),
@@ -1038,7 +1044,7 @@ class StandInEngine:
                 if job.logprobs is not None:
                     logprobs = self._completion_logprobs(job, seq, k, k + 1, with_prompt=echo, offset=offsets[s])
                 offsets[s] += len(text)
-                usage = job.usage(k + 1) if job.continuous_usage else None
+                usage = _usage(len(seq.prompt.ids), k + 1) if job.continuous_usage else None
                 chunk = self._completion_chunk(job, seq.index, text, logprobs=logprobs,
                                                finish=job.finish_reason if last else None, usage=usage)
                 await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
@@ -1047,7 +1053,7 @@ class StandInEngine:
                 logprobs = None
                 if job.logprobs is not None:
                     logprobs = self._completion_logprobs(job, seq, 0, 0, with_prompt=True)
-                usage = job.usage(0) if job.continuous_usage else None
+                usage = _usage(len(seq.prompt.ids), 0) if job.continuous_usage else None
                 chunk = self._completion_chunk(job, seq.index, seq.prompt.text, logprobs=logprobs,
                                                finish=job.finish_reason, usage=usage)
                 await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
@@ -1147,13 +1153,13 @@ class StandInEngine:
             return False
         for seq in job.seqs:
             chunk = self._chat_chunk(job, seq.index, {"role": "assistant", "content": ""}, token_ids=False,
-                                     usage=job.usage(0) if job.continuous_usage else None)
+                                     usage=_usage(len(seq.prompt.ids), 0) if job.continuous_usage else None)
             chunk["prompt_token_ids"] = None
             await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         if job.echo_text:
             for seq in job.seqs:
                 chunk = self._chat_chunk(job, seq.index, {"content": job.echo_text}, token_ids=False,
-                                         usage=job.usage(0) if job.continuous_usage else None)
+                                         usage=_usage(len(seq.prompt.ids), 0) if job.continuous_usage else None)
                 await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         plain = not (job.logprobs is not None or job.continuous_usage)
         templates = [
@@ -1175,7 +1181,7 @@ class StandInEngine:
                 logprobs = self._chat_logprobs(job, seq, k, k + 1) if job.logprobs is not None else None
                 chunk = self._chat_chunk(job, seq.index, {"content": WORDS[word]}, logprobs=logprobs,
                                          finish=job.finish_reason if last else None,
-                                         usage=job.usage(k + 1) if job.continuous_usage else None)
+                                         usage=_usage(len(seq.prompt.ids), k + 1) if job.continuous_usage else None)
                 await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         if job.max_tokens == 0:
             for seq in job.seqs:

@@ -173,6 +173,7 @@ def test_tokenizer_rule() -> None:
 def test_health_version_models(client: httpx.Client, main_engine: Engine) -> None:
     health = client.get("/health")
     assert (health.status_code, health.content) == (200, b"")
+    assert client.get("/ping").status_code == 200
     assert client.get("/version").json() == {"version": "0.32.0"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list"
@@ -195,6 +196,9 @@ def test_chat_completion_shape_and_determinism(client: httpx.Client) -> None:
     assert list(body) == ["id", "object", "created", "model", "choices", "service_tier", "system_fingerprint",
                           "usage", "prompt_logprobs", "prompt_token_ids", "kv_transfer_params"]
     assert (body["id"], body["object"], body["model"]) == ("chatcmpl-req-42", "chat.completion", "base")
+    seen = client.get("/standin/last_request").json()
+    assert seen["path"] == "/v1/chat/completions" and seen["headers"]["x-request-id"] == "req-42"
+    assert seen["body"] == {"model": "alias", "messages": MESSAGES, "max_tokens": 5}
     (choice,) = body["choices"]
     assert list(choice) == ["index", "message", "logprobs", "finish_reason", "stop_reason", "token_ids"]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
