@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import shutil
 import socket
 import tempfile
@@ -403,14 +404,25 @@ class Engine:
 #: Lines that wrap the real cause ("See root cause above") and so say little on their own.
 _GENERIC = ("root cause", "see stack trace", "engine core initialization failed", "traceback (most recent")
 _ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
+_PREFIX = re.compile(r"^(\([^)]*\)\s+)?((ERROR|WARNING|INFO|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")
+_CODE = ("raise ", "file \"", "^", "return ", "~")
 
 
 def last_error_line(tail: tuple[str, ...]) -> str:
-    """The most telling line of a log tail: the last error line that is not a generic wrapper."""
-    errorish = [line.strip() for line in tail if any(k in line.lower() for k in _ERRORISH)]
-    specific = [line for line in errorish if not any(g in line.lower() for g in _GENERIC)]
-    if specific:
-        return specific[-1]
-    if errorish:
-        return errorish[-1]
-    return tail[-1].strip() if tail else ""
+    """The most telling line of a log tail: vLLM's own exception line, not a wrapper or a code line."""
+    lines = [_PREFIX.sub("", line).strip() for line in tail]
+    lines = [line for line in lines if line and not line.lower().startswith(_CODE)]
+
+    def telling(line: str) -> bool:
+        return not any(g in line.lower() for g in _GENERIC)
+
+    for pick in (
+        lambda ln: bool(_EXCEPTION.match(ln)) and telling(ln),
+        lambda ln: any(k in ln.lower() for k in _ERRORISH) and telling(ln),
+        lambda ln: any(k in ln.lower() for k in _ERRORISH),
+    ):
+        found = [line for line in lines if pick(line)]
+        if found:
+            return found[-1]
+    return lines[-1] if lines else ""

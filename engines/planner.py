@@ -455,11 +455,17 @@ def check_registry(path: str | Path, *, budget_gib: float | None = None) -> list
     return problems
 
 
+#: The smallest KV pool an engine is given: vLLM rounds to blocks and keeps a null block, so a pool
+#: sized to exactly one max-length sequence of a tiny model is refused. vLLM on the CPU also needs an
+#: explicit figure, or it sizes its pool from free host memory and refuses to start.
+MIN_KV_CACHE_BYTES = 64 * 1024**2
+
+
 def vllm_memory_args(plan: ModelPlan, *, budget_gib: float, platform: Platform) -> list[str]:
     """The memory flags an engine gets: an exact KV pool, so several engines can share one card."""
     args: list[str] = []
-    if plan.kv_cache_bytes:
-        args += ["--kv-cache-memory-bytes", str(plan.kv_cache_bytes)]
+    if plan.kv_cache_bytes or platform is Platform.CPU:
+        args += ["--kv-cache-memory-bytes", str(max(plan.kv_cache_bytes, MIN_KV_CACHE_BYTES))]
     elif platform is Platform.CUDA:
         share = min(0.95, max(0.05, plan.total_gib / budget_gib))
         args += ["--gpu-memory-utilization", f"{share:.3f}"]

@@ -79,7 +79,7 @@ def test_token_id_prompts(gateway: GatewayProcess) -> None:
     r = sdk(gateway).completions.create(model="candidate", prompt=tokens, max_tokens=3, temperature=0, echo=True,
                                         logprobs=1)
     assert r.usage is not None and r.usage.prompt_tokens == len(tokens)
-    assert r.choices[0].text.startswith("Hello there")
+    assert "Hello there" in r.choices[0].text  # the ids decode back (with the bos token)
 
 
 def test_adapter_by_name_answers_differently(gateway: GatewayProcess) -> None:
