@@ -417,11 +417,15 @@ def last_error_line(tail: tuple[str, ...]) -> str:
     def telling(line: str) -> bool:
         return not any(g in line.lower() for g in _GENERIC)
 
-    for pick in (
+    def errorish(line: str) -> bool:
+        return any(k in line.lower() for k in _ERRORISH)
+
+    picks: tuple[Callable[[str], bool], ...] = (
         lambda ln: bool(_EXCEPTION.match(ln)) and telling(ln),
-        lambda ln: any(k in ln.lower() for k in _ERRORISH) and telling(ln),
-        lambda ln: any(k in ln.lower() for k in _ERRORISH),
-    ):
+        lambda ln: errorish(ln) and telling(ln),
+        errorish,
+    )
+    for pick in picks:
         found = [line for line in lines if pick(line)]
         if found:
             return found[-1]

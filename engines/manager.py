@@ -29,7 +29,7 @@ from engines.errors import CapacityError, CrashLoop, EngineError, OnecardError, 
 from engines.leftovers import StateFile
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Platform, Registry, Target
-from engines.scheduler import EngineView, decide, idle_expired
+from engines.scheduler import POLICIES, EngineView, idle_expired
 from engines.state import EngineState
 from engines.vllm import LaunchConfig
 
@@ -110,6 +110,7 @@ class EngineManager:
         self.last_reason = ""
         self.max_wait_s = registry.scheduler.max_wait_s
         self.max_queue = registry.scheduler.max_queue
+        self.policy = POLICIES[registry.scheduler.policy]
         self._tick_s = tick_s
         self._kick = asyncio.Event()
         self._owner: asyncio.Task[None] | None = None
@@ -284,7 +285,7 @@ class EngineManager:
     async def step(self) -> None:
         """One decision, carried out."""
         views = self.views()
-        d = decide(views, fits=self.fits, max_wait_s=self.max_wait_s)
+        d = self.policy(views, fits=self.fits, max_wait_s=self.max_wait_s)
         self.draining = d.drain
         self.last_reason = d.reason
         for name in d.admit:

@@ -193,6 +193,7 @@ class SchedulerSpec(_Strict):
     max_wait_s: Annotated[float, Field(gt=0)] = 60.0
     max_queue: Annotated[int, Field(gt=0)] = 256
     keepalive_s: Annotated[float, Field(gt=0)] = 15.0
+    policy: Literal["swap-aware", "fifo"] = "swap-aware"
 
 
 class RegistryFile(_Strict):

@@ -100,6 +100,38 @@ def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Dec
     return Decision(admit=admit, drain=drain, load=cand.name, evict=victims, reason=reason)
 
 
+def decide_fifo(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Decision:
+    """Naive first come, first served: the model of the oldest waiting request goes next, whatever the cost.
+
+    A baseline for benchmarks (and what a plain queue in front of swapping engines does): a resident
+    model stops admitting as soon as an older request waits for another model.
+    """
+    by_name = {v.name: v for v in views}
+    occupying = frozenset(v.name for v in views if v.occupies_memory)
+    waiting = sorted((v for v in views if v.queued), key=lambda v: -v.oldest_wait_s)
+    if not waiting:
+        return Decision(reason="nothing waits")
+    head = waiting[0]
+    if head.state is EngineState.READY and not head.draining:
+        return Decision(admit=frozenset({head.name}), reason=f"{head.name} is first in line")
+    if head.state is EngineState.STARTING:
+        return Decision(reason=f"{head.name} is starting")
+    if fits(occupying | {head.name}):
+        return Decision(load=head.name, reason=f"{head.name} is first in line and fits")
+    victims = _cheapest_victims(head.name, [by_name[n] for n in occupying], fits, starving=True)
+    if victims is None:
+        if not fits(frozenset({head.name})):
+            return Decision(blocked=head.name, reason=f"{head.name} cannot fit even alone")
+        return Decision(reason=f"{head.name} waits: no evictable set makes room")
+    drain = frozenset(victims)
+    if any(by_name[v].in_flight or by_name[v].state is EngineState.STARTING for v in victims):
+        return Decision(drain=drain, reason=f"{head.name} is first in line; draining {sorted(victims)}")
+    return Decision(drain=drain, load=head.name, evict=victims, reason=f"{head.name} is first in line")
+
+
+POLICIES: dict[str, Callable[..., Decision]] = {"swap-aware": decide, "fifo": decide_fifo}
+
+
 def _cheapest_victims(
     target: str, resident: list[EngineView], fits: Fits, *, starving: bool
 ) -> tuple[str, ...] | None:
