@@ -24,12 +24,14 @@ from pathlib import Path
 
 import httpx
 
+from engines.adapters import FoundAdapter, scan_adapters
 from engines.engine import Engine, RestartPolicy
-from engines.errors import CapacityError, CrashLoop, EngineError, OnecardError, QueueFull
+from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, QueueFull
+from engines.leases import Lease
 from engines.leftovers import StateFile
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Platform, Registry, Target
-from engines.scheduler import POLICIES, EngineView, idle_expired
+from engines.scheduler import POLICIES, EngineView, idle_expired, victims_for_room
 from engines.state import EngineState
 from engines.vllm import LaunchConfig
 
@@ -44,6 +46,7 @@ class ManagerEvents:
     def start_failed(self, model: str, error: EngineError) -> None: ...
     def queue_changed(self, model: str, depth: int) -> None: ...
     def queue_waited(self, model: str, seconds: float) -> None: ...
+    def lease_changed(self, active: bool, gib: float) -> None: ...
 
 
 @dataclass
@@ -114,21 +117,42 @@ class EngineManager:
         self._tick_s = tick_s
         self._kick = asyncio.Event()
         self._owner: asyncio.Task[None] | None = None
-        self._busy = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._swap_lock = asyncio.Lock()
+        self.lease: Lease | None = None
+        self._lease_freed = asyncio.Event()
+        self.discovered: dict[str, FoundAdapter] = {}
+        self.adapter_problems: dict[str, str] = {}
+        self.adapter_scan_s = 2.0
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> list[int]:
-        """Kill leftovers of an earlier run, then start the owner task. Returns the pids killed."""
+        """Kill leftovers of an earlier run, restore a live lease, start the owner task. Returns pids killed."""
         killed = await asyncio.to_thread(self.state_file.reap)
+        saved = self.state_file.get_section("lease")
+        if isinstance(saved, dict):
+            lease = Lease.from_dict(saved)
+            if lease.holder_alive():
+                log.info("lease %s (%g GiB, pid %d) is still held: keeping it", lease.lease_id, lease.gib,
+                         lease.holder_pid)
+                self.lease, self.reserved_gib = lease, lease.gib
+            else:
+                log.info("lease %s ended while the gateway was down (holder %d is gone)", lease.lease_id,
+                         lease.holder_pid)
+                self.state_file.set_section("lease", None)
+        await self.rescan_adapters()
         self._owner = asyncio.create_task(self._run(), name="engine-owner")
+        if any(m.lora.watch_dirs for m in self.registry.models):
+            self._watcher = asyncio.create_task(self._watch_adapters(), name="adapter-watch")
         return killed
 
     async def close(self) -> None:
-        if self._owner is not None:
-            self._owner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._owner
+        for task in (self._owner, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for name, q in self.queues.items():
             while q:
                 w = q.popleft()
@@ -139,8 +163,46 @@ class EngineManager:
 
     # --- the request path ---------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> Target:
-        return self.registry.resolve(name)
+    def resolve(self, name: str) -> Target | None:
+        """A registry name, alias or adapter, else a discovered adapter, else None."""
+        try:
+            return self.registry.resolve(name)
+        except KeyError:
+            found = self.discovered.get(name)
+            return Target(self.registry.model(found.base), name) if found else None
+
+    def adapter_path(self, target: Target) -> str:
+        assert target.adapter is not None
+        found = self.discovered.get(target.adapter)
+        if found is not None and target.adapter not in target.model.lora.adapters:
+            return str(found.path)
+        path = target.model.lora.adapters[target.adapter].path
+        return str(self.registry.resolve_path(path)) if path.startswith(("/", "./", "../", "~")) else path
+
+    # --- adapter discovery --------------------------------------------------------------------------
+
+    async def rescan_adapters(self) -> None:
+        found, problems = await asyncio.to_thread(scan_adapters, self.registry)
+        for name in found.keys() - self.discovered.keys():
+            log.info("adapter %s discovered for %s at %s", name, found[name].base, found[name].path)
+        for path, why in problems.items():
+            if self.adapter_problems.get(path) != why:
+                log.warning("adapter folder %s is not usable: %s", path, why)
+        for name in self.discovered.keys() - found.keys():
+            log.info("adapter %s is gone from disk", name)
+            engine = self.engines[self.discovered[name].base]
+            if name in engine.adapters and engine.state is EngineState.READY:
+                with contextlib.suppress(Exception):
+                    await engine.unload_adapter(name)
+        self.discovered, self.adapter_problems = found, problems
+
+    async def _watch_adapters(self) -> None:
+        while True:
+            await asyncio.sleep(self.adapter_scan_s)
+            try:
+                await self.rescan_adapters()
+            except Exception:
+                log.exception("adapter scan failed")
 
     @contextlib.asynccontextmanager
     async def slot(self, model: str) -> AsyncIterator[Engine]:
@@ -244,6 +306,71 @@ class EngineManager:
     def kick(self) -> None:
         self._kick.set()
 
+    # --- GPU leases ---------------------------------------------------------------------------------
+
+    async def grant_lease(self, *, gib: float | None, holder_pid: int, label: str = "", wait: bool = False,
+                          wait_timeout_s: float = 3600) -> Lease:
+        """Reserve ``gib`` (default: all usable) for a process outside the gateway; evict what must go."""
+        usable = self.plan.usable_gib
+        want = usable if gib is None else gib
+        if want <= 0:
+            raise LeaseError("a lease needs a positive number of GiB")
+        if want > usable + 1e-9:
+            raise LeaseError(f"{want:g} GiB is more than the card's usable {usable:g} GiB "
+                             f"(budget {self.plan.budget_gib:g} - headroom {self.plan.headroom_gib:g})")
+        pinned = [e for e in self.engines.values() if e.spec.pinned and e.state is not EngineState.STOPPED]
+        pinned_gib = sum(e.plan.resident_gib for e in pinned)
+        if pinned_gib + want > usable + 1e-9:
+            raise LeaseError(
+                f"{want:g} GiB cannot be leased: pinned models {[e.name for e in pinned]} hold {pinned_gib:.1f} GiB "
+                f"of the {usable:g} GiB usable, leaving {usable - pinned_gib:.1f} GiB; ask for less or unpin them")
+        deadline = time.monotonic() + wait_timeout_s
+        while self.lease is not None:
+            if not wait:
+                raise LeaseError(f"lease {self.lease.lease_id} ({self.lease.gib:g} GiB, pid {self.lease.holder_pid}) "
+                                 "is active; retry later or pass --wait")
+            self._lease_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lease_freed.wait(), timeout=max(0.1, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                raise LeaseError("timed out waiting for the active lease to end")
+        lease = Lease.new(gib=want, holder_pid=holder_pid, label=label)
+        async with self._swap_lock:
+            self.reserved_gib = want
+            victims = victims_for_room(self.views(), self.fits)
+            if victims is None:  # cannot happen after the pinned check, but never leave a half-granted lease
+                self.reserved_gib = 0.0
+                raise LeaseError("no set of unpinned engines frees enough memory for this lease")
+            self.lease = lease
+            for v in victims:
+                log.info("lease %s: evicting %s to free memory", lease.lease_id, v)
+                await self.engines[v].stop()
+        lease = Lease(**{**lease.__dict__, "evicted": tuple(victims)})
+        self.lease = lease
+        self.state_file.set_section("lease", lease.as_dict())
+        self.events.lease_changed(True, want)
+        log.info("lease %s granted: %g GiB to pid %d (%s); evicted %s", lease.lease_id, want, holder_pid,
+                 label or "-", list(victims) or "nothing")
+        return lease
+
+    async def release_lease(self, lease_id: str, *, reason: str = "released") -> Lease:
+        lease = self.lease
+        if lease is None or lease.lease_id != lease_id:
+            raise LeaseError(f"no active lease {lease_id!r}")
+        self.lease = None
+        self.reserved_gib = 0.0
+        self.state_file.set_section("lease", None)
+        self._lease_freed.set()
+        self.events.lease_changed(False, 0.0)
+        log.info("lease %s ended (%s) after %.0f s", lease_id, reason, time.time() - lease.granted_at)
+        self._kick.set()
+        return lease
+
+    async def _check_lease_holder(self) -> None:
+        lease = self.lease
+        if lease is not None and not await asyncio.to_thread(lease.holder_alive):
+            await self.release_lease(lease.lease_id, reason=f"holder pid {lease.holder_pid} is gone")
+
     # --- the owner task -----------------------------------------------------------------------------
 
     def views(self, now: float | None = None) -> list[EngineView]:
@@ -284,6 +411,11 @@ class EngineManager:
 
     async def step(self) -> None:
         """One decision, carried out."""
+        await self._check_lease_holder()
+        async with self._swap_lock:
+            await self._step_locked()
+
+    async def _step_locked(self) -> None:
         views = self.views()
         d = self.policy(views, fits=self.fits, max_wait_s=self.max_wait_s)
         self.draining = d.drain
@@ -291,10 +423,11 @@ class EngineManager:
         for name in d.admit:
             self._admit_all(name)
         if d.blocked:
+            leased = f"; {self.reserved_gib:g} GiB of the card are leased (lease {self.lease.lease_id})" if (
+                self.lease) else ""
             self._fail_waiters(d.blocked, CapacityError(
-                f"model {d.blocked} cannot be made resident: {d.reason}"
-                + (f" ({self.reserved_gib:g} GiB are leased)" if self.reserved_gib else ""),
-                model=d.blocked, retry_after=30))
+                f"model {d.blocked} cannot be made resident now: {d.reason}{leased}",
+                model=d.blocked, retry_after=60 if self.lease else 3600))
         if d.load is not None:
             await self._swap_in(d.load, d.evict, d.reason)
             self._kick.set()

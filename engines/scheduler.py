@@ -132,10 +132,17 @@ def decide_fifo(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -
 POLICIES: dict[str, Callable[..., Decision]] = {"swap-aware": decide, "fifo": decide_fifo}
 
 
+def victims_for_room(views: Sequence[EngineView], fits: Fits) -> tuple[str, ...] | None:
+    """The fewest, cheapest unpinned engines to evict so the rest fit (a lease shrank the budget), or None."""
+    occupying = [v for v in views if v.occupies_memory]
+    return _cheapest_victims(None, occupying, fits, starving=True)
+
+
 def _cheapest_victims(
-    target: str, resident: list[EngineView], fits: Fits, *, starving: bool
+    target: str | None, resident: list[EngineView], fits: Fits, *, starving: bool
 ) -> tuple[str, ...] | None:
-    """Fewest, cheapest unpinned victims whose eviction lets ``target`` in, or None."""
+    """Fewest, cheapest unpinned victims whose eviction lets ``target`` (if any) in, or None."""
+    extra = frozenset({target}) if target else frozenset()
     candidates = [v for v in resident if not v.pinned and v.name != target]
     if not starving:
         # Prefer victims with nothing queued; a busy victim is only taken when starving.
@@ -145,15 +152,15 @@ def _cheapest_victims(
     keep = {v.name for v in resident}
     chosen: list[str] = []
     for v in candidates:
-        if fits(frozenset(keep | {target})):
+        if fits(frozenset(keep) | extra):
             break
         keep.discard(v.name)
         chosen.append(v.name)
-    if not fits(frozenset(keep | {target})):
+    if not fits(frozenset(keep) | extra):
         return None
     # Drop victims that turned out unnecessary (a later, larger one made room on its own).
     for name in list(chosen):
-        trial = frozenset(keep | {name, target})
+        trial = frozenset(keep | {name}) | extra
         if fits(trial):
             keep.add(name)
             chosen.remove(name)

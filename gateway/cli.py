@@ -7,6 +7,8 @@
     onecard serve [--registry R] [--host 127.0.0.1] [--port 8000]
     onecard demo  [--port 8000]                       # tiny CPU models, set up on first run
     onecard ps    [--url http://127.0.0.1:8000]       # the engines of a running gateway
+    onecard lease [--gib N] [--wait] -- COMMAND...    # borrow the card for a training run
+    onecard lease release ID
     onecard setup-cpu-engine                          # vLLM for the CPU, in its own venv (cached)
     onecard demo-models DIR                           # build the tiny models offline
 
@@ -271,6 +273,66 @@ def _demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- onecard lease ---------------------------------------------------------------------------------------------
+
+
+def _lease_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gib", type=_positive_gib, default=None, help="GiB to borrow (default: the whole card)")
+    p.add_argument("--wait", action="store_true", help="wait for another lease to end instead of failing")
+    p.add_argument("--label", default=None, help="shown in `onecard ps` (default: the command)")
+    p.add_argument("--url", default=os.environ.get("ONECARD_URL", "http://127.0.0.1:8000"))
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... to run while the lease is held, "
+                   "or `release ID`")
+
+
+def _lease(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    import httpx
+
+    key = _first_admin_key()
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = args.url.rstrip("/")
+    cmd = list(args.command)
+    if cmd[:1] == ["release"] and len(cmd) == 2:
+        r = httpx.delete(f"{url}/admin/leases/{cmd[1]}", headers=headers, timeout=30, trust_env=False)
+        print(r.json().get("error", {}).get("message") if r.status_code != 200 else f"lease {cmd[1]} released")
+        return 0 if r.status_code == 200 else 1
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    if not cmd:
+        print("error: give the command to run: onecard lease [--gib N] -- COMMAND...", file=sys.stderr)
+        return 2
+    body = {"gib": args.gib, "pid": os.getpid(), "label": args.label or " ".join(cmd)[:200], "wait": args.wait}
+    try:
+        r = httpx.post(f"{url}/admin/leases", json=body, headers=headers, timeout=None if args.wait else 600,
+                       trust_env=False)
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach the gateway at {url}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code != 201:
+        print(f"error: lease refused: {r.json().get('error', {}).get('message', r.text)}", file=sys.stderr)
+        return 1
+    lease = r.json()
+    print(f"onecard: lease {lease['id']} granted: {lease['gib']:g} GiB"
+          + (f" (evicted {', '.join(lease['evicted'])})" if lease["evicted"] else ""), file=sys.stderr)
+    env = {**os.environ, "ONECARD_LEASE_ID": lease["id"], "ONECARD_LEASE_GIB": str(lease["gib"])}
+    proc = subprocess.Popen(cmd, env=env)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    try:
+        rc = proc.wait()
+    finally:
+        try:
+            httpx.delete(f"{url}/admin/leases/{lease['id']}", headers=headers, timeout=30, trust_env=False)
+        except httpx.HTTPError:
+            print("warning: could not release the lease; it ends when the gateway sees this process gone",
+                  file=sys.stderr)
+    print(f"onecard: lease {lease['id']} released", file=sys.stderr)
+    return rc
+
+
 # --- the one place subcommands are registered ---------------------------------------------------------------
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
@@ -279,6 +341,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("serve", "run the gateway", _serve_args, _serve),
     Subcommand("demo", "run the gateway with tiny CPU models (built on first run)", _demo_args, _demo),
     Subcommand("ps", "show the engines of a running gateway", _ps_args, _ps),
+    Subcommand("lease", "borrow GPU memory from a running gateway while a command runs", _lease_args, _lease),
     Subcommand("setup-cpu-engine", "build vLLM for the CPU in its own virtual environment", _setup_args, _setup),
     Subcommand("demo-models", "build the tiny demo models offline", _demo_models_args, _demo_models),
 )

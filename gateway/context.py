@@ -72,6 +72,9 @@ class MetricsEvents(ManagerEvents):
     def queue_waited(self, model: str, seconds: float) -> None:
         self.metrics.observe_queue_wait(model, seconds)
 
+    def lease_changed(self, active: bool, gib: float) -> None:
+        self.metrics.set_lease(active, gib)
+
 
 @dataclass
 class Gateway:
@@ -86,21 +89,13 @@ class Gateway:
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def resolve(self, name: str) -> Target | None:
-        try:
-            return self.registry.resolve(name)
-        except KeyError:
-            return None
+        return self.manager.resolve(name)
 
     def model_names(self) -> list[str]:
-        return list(self.registry.names())
+        return [*self.registry.names(), *self.manager.discovered]
 
     def adapter_path(self, target: Target) -> str:
-        assert target.adapter is not None
-        spec = target.model.lora.adapters[target.adapter]
-        path = spec.path
-        if path.startswith(("/", "./", "../", "~")):
-            return str(self.registry.resolve_path(path))
-        return path
+        return self.manager.adapter_path(target)
 
     def response_headers(self, model: str) -> dict[str, str]:
         return {"x-onecard-model": model}
@@ -130,9 +125,11 @@ class Gateway:
                 cards.append({"id": alias, "object": "model", "created": created, "owned_by": "onecard",
                               "root": spec.source, "parent": spec.name, "max_model_len": spec.max_model_len,
                               "onecard": {**info, "kind": "alias", "base": spec.name}})
-            for name, ad in spec.lora.adapters.items():
+            adapters = [(name, ad.path, False) for name, ad in spec.lora.adapters.items()]
+            adapters += [(f.name, str(f.path), True) for f in self.manager.discovered.values() if f.base == spec.name]
+            for name, path, discovered in adapters:
                 cards.append({"id": name, "object": "model", "created": created, "owned_by": "onecard",
-                              "root": ad.path, "parent": spec.name, "max_model_len": spec.max_model_len,
-                              "onecard": {**info, "kind": "adapter", "base": spec.name,
+                              "root": path, "parent": spec.name, "max_model_len": spec.max_model_len,
+                              "onecard": {**info, "kind": "adapter", "base": spec.name, "discovered": discovered,
                                           "loaded": name in engine.adapters}})
         return cards

@@ -16,14 +16,14 @@
 #   PARAMS_B       billions of parameters, needed for a hub id other than the default (planner input)
 #   MAX_MODEL_LEN  context per sequence (default 4096)
 #   KEEP_WORK=1    keep the work folder (registry, gateway and engine logs) even after success
-#   SMOKE_TIMEOUT_S  the whole run's limit (default 570)
+#   SMOKE_TIMEOUT_S  the whole run's limit before cleanup (default 540; cleanup takes at most 50 more)
 set -euo pipefail
 export LC_ALL=C  # EPOCHREALTIME and awk with a '.' decimal point
 
 # Everything runs under one wall-clock limit; the EXIT trap still stops the gateway.
 if [[ -z ${_ONECARD_SMOKE_GUARD:-} ]]; then
   export _ONECARD_SMOKE_GUARD=1
-  exec timeout --kill-after=30 "${SMOKE_TIMEOUT_S:-570}" "$BASH" "$0" "$@"
+  exec timeout --kill-after=50 "${SMOKE_TIMEOUT_S:-540}" "$BASH" "$0" "$@"
 fi
 
 DEFAULT_MODEL=Qwen/Qwen2.5-0.5B-Instruct
@@ -35,7 +35,8 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 FAILED=()
 GW_PID=""
-ENGINE_PIDS=()
+CLIENT_PID=""   # a request running in the background
+ENGINE_PIDS=()  # engines start in their own process group: pid = process group id
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -82,10 +83,19 @@ stop_gateway() {  # SIGTERM (drain, stop engines), wait up to $1 s, then SIGKILL
     return 1
   fi
 }
+engine_groups() {  # the engines this run's gateway started: what it reported, and its state file
+  local state=$WORK/run/state/engines.json
+  printf '%s\n' "${ENGINE_PIDS[@]}"
+  [[ -f $state ]] && grep -o '"pgid": *[0-9]*' "$state" | grep -o '[0-9]*$'
+  return 0
+}
 cleanup() {
   local rc=$?
-  stop_gateway 20 || true
-  for pid in "${ENGINE_PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  [[ -n $CLIENT_PID ]] && { kill "$CLIENT_PID" 2>/dev/null || true; }
+  stop_gateway 40 || true
+  for pgid in $(engine_groups | sort -u); do
+    if pgrep -g "$pgid" >/dev/null 2>&1; then kill -KILL -- "-$pgid" 2>/dev/null || true; fi
+  done
   if ((rc == 0 && ${#FAILED[@]} == 0)) && [[ -z ${KEEP_WORK:-} ]]; then
     rm -rf "$WORK"
   else
@@ -145,7 +155,12 @@ until curl -fsS --max-time 2 "$BASE/health" >/dev/null 2>&1; do
   sleep 0.5
 done
 
-engine_log() { curl -sS --max-time 10 "$BASE/admin/engines/$NAME/log?lines=60" >&2 || true; }
+diagnose() {  # the engine's log tail and the gateway's, to stderr
+  log "engine log (tail):"
+  curl -sS --max-time 10 "$BASE/admin/engines/$NAME/log?lines=60" >&2 || true
+  log "gateway log (tail):"
+  tail -n 30 "$WORK/gateway.log" >&2 || true
+}
 
 # complete MAX_TOKENS MAX_TIME: a non-streamed completion; fails unless HTTP 200 with x-onecard-model.
 complete() {
@@ -153,7 +168,7 @@ complete() {
   code=$(curl -sS --max-time "$2" -o "$WORK/body.json" -D "$WORK/headers.txt" -w '%{http_code}' \
     -H 'Content-Type: application/json' "$BASE/v1/completions" \
     -d "{\"model\": \"$NAME\", \"prompt\": \"The capital of France is\", \"max_tokens\": $1, \"temperature\": 0}") || code=000
-  [[ $code == 200 ]] || { log "HTTP $code: $(head -c 400 "$WORK/body.json" 2>/dev/null)"; engine_log; return 1; }
+  [[ $code == 200 ]] || { log "HTTP $code: $(head -c 400 "$WORK/body.json" 2>/dev/null)"; diagnose; return 1; }
   grep -qi '^x-onecard-model:' "$WORK/headers.txt" || { log "no x-onecard-model header"; return 1; }
 }
 
@@ -161,7 +176,18 @@ complete() {
 
 log "cold start: the first request starts the engine (weights may download first)"
 t0=$EPOCHREALTIME
-complete 8 450 || die "the first request failed"
+complete 8 450 &
+CLIENT_PID=$!
+# Watch the start: note the engine's pid as soon as it has one, fail fast when it fails.
+while kill -0 "$CLIENT_PID" 2>/dev/null; do
+  ENGINES=$(curl -fsS --max-time 5 "$BASE/admin/engines" 2>/dev/null || true)
+  ((${#ENGINE_PIDS[@]} > 0)) || mapfile -t ENGINE_PIDS < <(grep -o '"pid":[0-9]*' <<<"$ENGINES" | cut -d: -f2)
+  if [[ $ENGINES == *'"state":"failed"'* ]]; then diagnose; die "the engine failed to start"; fi
+  kill -0 "$GW_PID" 2>/dev/null || { diagnose; die "the gateway exited"; }
+  sleep 1
+done
+wait "$CLIENT_PID" || die "the first request failed"
+CLIENT_PID=""
 COLD_S=$(seconds_since "$t0")
 log "cold start: ${COLD_S} s"
 ENGINES=$(curl -fsS --max-time 10 "$BASE/admin/engines")
@@ -191,7 +217,7 @@ done < <(curl -sSN --max-time 120 -H 'Content-Type: application/json' "$BASE/v1/
   \"model\": \"$NAME\", \"prompt\": \"Write a long story about a lighthouse keeper.\",
   \"max_tokens\": $DECODE_TOKENS, \"temperature\": 0, \"ignore_eos\": true, \"stream\": true,
   \"stream_options\": {\"include_usage\": true}}")
-((chunks > 1)) || { engine_log; die "the streamed request returned $chunks text chunks"; }
+((chunks > 1)) || { diagnose; die "the streamed request returned $chunks text chunks"; }
 tokens=${tokens:-$chunks}
 TTFT_S=$(awk -v a="$t0" -v b="$first" 'BEGIN { printf "%.3f", b - a }')
 DECODE_TPS=$(awk -v a="$first" -v b="$last" -v n="$tokens" 'BEGIN { printf "%.1f", (n - 1) / (b - a) }')
@@ -204,7 +230,7 @@ gpu_used_mib() { timeout 20 nvidia-smi --query-gpu=memory.used --format=csv,nohe
 used_awake=$(gpu_used_mib)
 t0=$EPOCHREALTIME
 curl -fsS --max-time 120 -X POST "$BASE/admin/engines/$NAME/sleep?level=1" >"$WORK/sleep.json" ||
-  { engine_log; die "POST /admin/engines/$NAME/sleep?level=1 failed"; }
+  { diagnose; die "POST /admin/engines/$NAME/sleep?level=1 failed"; }
 SLEEP_S=$(seconds_since "$t0")
 used_asleep=$(gpu_used_mib)
 FREED_MIB=$((used_awake - used_asleep))
@@ -232,9 +258,9 @@ check "gateway exited on SIGTERM" $? "killed after 120 s"
 STOP_S=$(seconds_since "$t0")
 GW_PID=""
 left=""
-for pid in "${ENGINE_PIDS[@]}"; do
-  left+=$(pgrep -g "$pid" 2>/dev/null | tr '\n' ' ' || true)
-  kill -0 "$pid" 2>/dev/null && left+="$pid "
+for pgid in $(engine_groups | sort -u); do
+  left+=$(pgrep -g "$pgid" 2>/dev/null | tr '\n' ' ' || true)
+  kill -0 "$pgid" 2>/dev/null && left+="$pgid "
 done
 left+=$(pgrep -f -- "--port $ENGINE_PORT( |$)" 2>/dev/null | tr '\n' ' ' || true)
 gpu_pids=$(timeout 20 nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null || true)

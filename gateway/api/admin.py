@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import orjson
 from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
 from starlette.responses import PlainTextResponse, Response
 
 from gateway.context import Gateway
@@ -37,7 +38,9 @@ def _model(gw: Gateway, name: str) -> str:
 @router.get("/engines")
 async def engines(request: Request) -> Response:
     gw = _gw(request)
+    lease = gw.manager.lease
     return _json({"engines": gw.manager.engine_rows(), "reserved_gib": gw.manager.reserved_gib,
+                  "leases": [lease.as_dict()] if lease else [],
                   "scheduler": {"last_reason": gw.manager.last_reason,
                                 "draining": sorted(gw.manager.draining)}})
 
@@ -98,3 +101,40 @@ async def plan(request: Request) -> Response:
 async def swaps(request: Request, limit: int = Query(100, ge=1, le=1000)) -> Response:
     gw = _gw(request)
     return _json({"swaps": [s.__dict__ for s in gw.manager.swaps[-limit:]]})
+
+
+class LeaseRequest(BaseModel):
+    gib: float | None = Field(default=None, gt=0, description="GiB to reserve; omit for the whole card")
+    pid: int = Field(gt=0, description="the process holding the lease; it ends when that process exits")
+    label: str = Field(default="", max_length=200)
+    wait: bool = Field(default=False, description="wait for an active lease to end instead of failing")
+
+
+@router.post("/leases")
+async def grant_lease(request: Request, body: LeaseRequest) -> Response:
+    gw = _gw(request)
+    lease = await gw.manager.grant_lease(gib=body.gib, holder_pid=body.pid, label=body.label, wait=body.wait)
+    return _json(lease.as_dict(), status=201)
+
+
+@router.get("/leases")
+async def leases(request: Request) -> Response:
+    lease = _gw(request).manager.lease
+    return _json({"leases": [lease.as_dict()] if lease else []})
+
+
+@router.delete("/leases/{lease_id}")
+async def release_lease(request: Request, lease_id: str) -> Response:
+    lease = await _gw(request).manager.release_lease(lease_id)
+    return _json({**lease.as_dict(), "state": "released"})
+
+
+@router.get("/adapters")
+async def adapters(request: Request) -> Response:
+    """Adapters found in watched folders, and the folders that could not be used (with why)."""
+    gw = _gw(request)
+    return _json({
+        "discovered": [{"name": f.name, "base": f.base, "path": str(f.path), "rank": f.rank}
+                       for f in gw.manager.discovered.values()],
+        "problems": [{"path": p, "reason": r} for p, r in gw.manager.adapter_problems.items()],
+    })

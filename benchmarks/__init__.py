@@ -1,0 +1,1 @@
+"""Benchmarks of onecard, each runnable as ``python -m benchmarks.<name>``; see benchmarks/README.md."""
