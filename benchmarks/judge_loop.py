@@ -196,8 +196,28 @@ async def phases(client: Client, items: list[Item], workers: int) -> None:
     await asyncio.gather(*(client.grade(item, a) for item, a in zip(items, answers, strict=True)))
 
 
+async def pipelined(client: Client, items: list[Item], workers: int) -> None:
+    """Generation and judging decoupled: ``workers`` generators feed a queue that ``workers`` judges drain."""
+    todo = iter(items)
+    answers: asyncio.Queue[tuple[Item, str] | None] = asyncio.Queue()
+
+    async def generator() -> None:
+        for item in todo:
+            answers.put_nowait((item, await client.answer(item)))
+
+    async def judge() -> None:
+        while (got := await answers.get()) is not None:
+            await client.grade(*got)
+
+    judges = [asyncio.ensure_future(judge()) for _ in range(workers)]
+    await asyncio.gather(*(generator() for _ in range(workers)))
+    for _ in judges:
+        answers.put_nowait(None)
+    await asyncio.gather(*judges)
+
+
 WORKLOAD_FNS: dict[str, Callable[[Client, list[Item], int], Awaitable[None]]] = {
-    "closed-loop": closed_loop, "phases": phases,
+    "closed-loop": closed_loop, "phases": phases, "pipelined": pipelined,
 }
 
 

@@ -29,32 +29,45 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def engines_for(tmp_path: Path, real: RealVllm, client: httpx.AsyncClient, models: list[dict[str, Any]]) -> list[Engine]:
+def engines_for(
+    tmp_path: Path, real: RealVllm, client: httpx.AsyncClient, models: list[dict[str, Any]]
+) -> list[Engine]:
     reg = load_registry(write_registry(tmp_path / "reg.yaml", models, executable=real.executable, budget_gib=4))
     plan = plan_registry(reg)
-    launch = LaunchConfig(registry=reg, executable=reg.vllm.executable, platform=reg.gpu.platform,
-                          budget_gib=plan.budget_gib, run_dir=tmp_path / "run")
+    launch = LaunchConfig(
+        registry=reg,
+        executable=reg.vllm.executable,
+        platform=reg.gpu.platform,
+        budget_gib=plan.budget_gib,
+        run_dir=tmp_path / "run",
+    )
     state = StateFile(tmp_path / "run" / "state" / "engines.json")
     return [Engine(m, plan=plan.model(m.name), launch=launch, client=client, state_file=state) for m in reg.models]
 
 
 def tiny(name: str, source: Path, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "source": str(source), "dtype": "float32", "max_model_len": 512, "start_timeout_s": 240,
-            **kw}
+    return {"name": name, "source": str(source), "dtype": "float32", "max_model_len": 512, "start_timeout_s": 240, **kw}
 
 
 async def test_two_engines_side_by_side(real_vllm: RealVllm, tmp_path: Path, client: httpx.AsyncClient) -> None:
-    a, b = engines_for(tmp_path, real_vllm, client,
-                       [tiny("a", real_vllm.models.base), tiny("b", real_vllm.models.other)])
+    a, b = engines_for(
+        tmp_path, real_vllm, client, [tiny("a", real_vllm.models.base), tiny("b", real_vllm.models.other)]
+    )
     await a.ensure_ready()
     await b.ensure_ready()  # one at a time: two starting together miscount each other's memory
     try:
         assert a.state is b.state is EngineState.READY and a.port != b.port
         answers = []
         for e in (a, b):
-            r = await client.post(f"{e.base_url}/v1/chat/completions", json={
-                "model": e.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
-                "temperature": 0})
+            r = await client.post(
+                f"{e.base_url}/v1/chat/completions",
+                json={
+                    "model": e.name,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
             assert r.status_code == 200, r.text
             answers.append(r.json()["choices"][0]["message"]["content"])
         assert answers[0] != answers[1]  # two different models answered
@@ -66,8 +79,9 @@ async def test_two_engines_side_by_side(real_vllm: RealVllm, tmp_path: Path, cli
 
 
 async def test_runtime_lora_load_and_answer(real_vllm: RealVllm, tmp_path: Path, client: httpx.AsyncClient) -> None:
-    (e,) = engines_for(tmp_path, real_vllm, client, [
-        tiny("base", real_vllm.models.base, lora={"enabled": True, "max_rank": 8})])
+    (e,) = engines_for(
+        tmp_path, real_vllm, client, [tiny("base", real_vllm.models.base, lora={"enabled": True, "max_rank": 8})]
+    )
     await e.ensure_ready()
     try:
         body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
@@ -81,10 +95,12 @@ async def test_runtime_lora_load_and_answer(real_vllm: RealVllm, tmp_path: Path,
         await e.stop()
 
 
-async def test_bad_vllm_flag_fails_with_vllms_own_error(real_vllm: RealVllm, tmp_path: Path,
-                                                       client: httpx.AsyncClient) -> None:
-    (e,) = engines_for(tmp_path, real_vllm, client, [
-        tiny("bad", real_vllm.models.base, extra_args=["--no-such-flag-for-vllm"])])
+async def test_bad_vllm_flag_fails_with_vllms_own_error(
+    real_vllm: RealVllm, tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    (e,) = engines_for(
+        tmp_path, real_vllm, client, [tiny("bad", real_vllm.models.base, extra_args=["--no-such-flag-for-vllm"])]
+    )
     with pytest.raises(EngineStartError) as info:
         await e.ensure_ready()
     assert e.state is EngineState.FAILED
