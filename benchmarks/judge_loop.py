@@ -9,6 +9,17 @@ resident together, so every change of model is a swap (stop one engine, cold-sta
     handles: at least ``2 * ceil(items / workers) - 1`` swaps (the first load evicts nothing).
 (b) phases, as AlpacaEval runs: every candidate generation submitted at once, then every judgment.
     Floor: 1 swap.
+(c) pipelined (an extra, not in the issue): generation and judging decoupled, ``--workers`` generators
+    feeding a queue of answers that ``--workers`` judges drain, so both models have requests arriving at
+    once. This is where the policies differ: FIFO swaps whenever the oldest waiting request is for the
+    other model; swap-aware keeps serving the resident model while its requests keep coming (up to
+    ``max_wait_s``). Floor: 1 swap (all generation, then all judging).
+
+Why (a) cannot separate the policies: a closed loop batches itself. Each worker has exactly one request
+in flight, and any policy that drains a model before swapping (both do) serves every worker once per
+load, so the workers stay in step and FIFO also meets the floor. The FIFO baseline would swap about
+once per request only if the workers' requests interleaved, which a drain-then-swap closed loop never
+lets happen.
 
 Each (policy, workload) runs on a fresh gateway (in-process, on a real socket, tests/support.py) in front of
 stand-in engine processes (tests/fakes/standin_engine.py) whose cold starts, prefill and decode times are
@@ -16,7 +27,7 @@ realistic figures multiplied by ``--scale``::
 
     .venv/bin/python -m benchmarks.judge_loop                        # 200 items, 8 workers
     .venv/bin/python -m benchmarks.judge_loop --quick                # 48 items (under 2 minutes)
-    .venv/bin/python -m benchmarks.judge_loop --items 400 --workers 16 --scale 0.005
+    .venv/bin/python -m benchmarks.judge_loop --items 400 --workers 16 --scale 0.01
 
 Definitions (all in the printed table and benchmarks/results/judge_loop.json):
 
@@ -52,7 +63,14 @@ from tests.support import ServerThread, running_gateway, standin_executable, sta
 
 RESULTS = Path(__file__).resolve().parent / "results" / "judge_loop.json"
 POLICY_NAMES = ("swap-aware", "fifo")
-WORKLOADS = ("closed-loop", "phases")
+WORKLOADS = ("closed-loop", "phases", "pipelined")
+DEFINITIONS = {
+    "swaps": "loads that evicted another model (manager swap records with a non-empty evicted)",
+    "floor": "closed-loop: 2 * ceil(items / workers) - 1; phases and pipelined: 1",
+    "makespan": "first request sent to last answer received, at the client",
+    "wait": "gateway queue wait per request: queued (model not admitting) to admitted, 0 when admitted at once; "
+            "the value onecard_queue_wait_seconds observes",
+}
 
 
 @dataclass(frozen=True)
@@ -67,9 +85,10 @@ class Profile:
     tokens_per_s: float  # decode rate of one stream, in a batch of concurrent requests
     tokens: tuple[int, int]  # completion length, lowest and highest
 
-    def env(self, scale: float) -> dict[str, str]:
+    def env(self, scale: float, spawn_s: float = 0.0) -> dict[str, str]:
+        """The stand-in's knobs; ``spawn_s`` (its own launch time) is taken off the scaled cold start."""
         return {
-            "STANDIN_START_DELAY": f"{self.cold_start_s * scale:.6f}",
+            "STANDIN_START_DELAY": f"{max(0.0, self.cold_start_s * scale - spawn_s):.6f}",
             "STANDIN_FIRST_TOKEN_DELAY": f"{self.prefill_s * scale:.6f}",
             "STANDIN_TOKEN_DELAY": f"{scale / self.tokens_per_s:.8f}",
         }
@@ -230,10 +249,24 @@ def floor_swaps(workload: str, items: int, workers: int) -> int:
 # --- one run on a fresh gateway ------------------------------------------------------------------------
 
 
-def write_bench_registry(folder: Path, *, policy: str, scale: float, max_wait_s: float) -> Path:
+def calibrate_spawn(tmp: Path, tries: int = 5) -> float:
+    """The stand-in's own launch-to-ready time as the manager measures it (process start, imports, warm-up)."""
+    folder = tmp / "calibrate"
+    folder.mkdir(parents=True)
+    registry = write_registry(folder / "registry.yaml", [standin_model("probe")],
+                              executable=standin_executable(folder), budget_gib=BUDGET_GIB)
+    with running_gateway(registry, folder / "run") as server:
+        manager = server.gw.manager
+        for _ in range(tries):
+            server.call(manager.load("probe"))
+            server.call(manager.unload("probe"))
+        return statistics.median(manager.engines["probe"].start_seconds)
+
+
+def write_bench_registry(folder: Path, *, policy: str, scale: float, spawn_s: float, max_wait_s: float) -> Path:
     models = [
         standin_model(p.name, gib=p.gib, aliases=[p.alias], max_model_len=4096, start_timeout_s=600,
-                      env=p.env(scale))
+                      env=p.env(scale, spawn_s))
         for p in (CANDIDATE, JUDGE)
     ]
     return write_registry(folder / "registry.yaml", models, executable=standin_executable(folder),
@@ -272,11 +305,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def run_one(policy: str, workload: str, items: list[Item], *, workers: int, scale: float,
+def run_one(policy: str, workload: str, items: list[Item], *, workers: int, scale: float, spawn_s: float,
             max_wait_s: float, tmp: Path) -> Run:
     folder = tmp / f"{policy}-{workload}"
     folder.mkdir(parents=True)
-    registry = write_bench_registry(folder, policy=policy, scale=scale, max_wait_s=max_wait_s)
+    registry = write_bench_registry(folder, policy=policy, scale=scale, spawn_s=spawn_s, max_wait_s=max_wait_s)
     with running_gateway(registry, folder / "run") as server:
         waits = record_waits(server)
 
@@ -365,14 +398,14 @@ def judge_aims(runs: list[Run], max_wait_s: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.judge_loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=None, help="items to judge (default 200; 48 with --quick)")
-    ap.add_argument("--workers", type=int, default=8, help="concurrent workers in the closed loop (default 8)")
-    ap.add_argument("--scale", type=float, default=0.01,
-                    help="multiply the models' real start, prefill and decode times by this (default 0.01)")
+    ap.add_argument("--workers", type=int, default=8, help="concurrent workers (default 8)")
+    ap.add_argument("--scale", type=float, default=0.02,
+                    help="multiply the models' real start, prefill and decode times by this (default 0.02)")
     ap.add_argument("--max-wait", type=float, default=None,
-                    help="scheduler.max_wait_s (default: three full swap round trips, scaled)")
+                    help="scheduler.max_wait_s (default: three candidate+judge cold-start round trips, scaled)")
     ap.add_argument("--quick", action="store_true", help="48 items: a check in under 2 minutes")
-    ap.add_argument("--policies", default=",".join(POLICY_NAMES))
-    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma list (default: all)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list (default: all)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -380,47 +413,48 @@ def main(argv: list[str] | None = None) -> int:
     max_wait_s = args.max_wait or round(3 * (CANDIDATE.cold_start_s + JUDGE.cold_start_s) * args.scale, 3)
     policies = [p for p in args.policies.split(",") if p]
     workloads = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(policies) - set(POLICY_NAMES)) + sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        ap.error(f"unknown policy or workload: {', '.join(unknown)}")
     items = make_items(n_items, args.seed)
 
-    print(f"judge loop: {n_items} items, {args.workers} workers, scale {args.scale:g}, max_wait_s {max_wait_s:g}")
-    for p in (CANDIDATE, JUDGE):
-        mean_tokens = sum(p.tokens) / 2
-        print(f"  {p.alias:9} {p.name}: cold start {p.cold_start_s:g} s -> {p.cold_start_s * args.scale:.3f} s, "
-              f"{p.tokens[0]}-{p.tokens[1]} tokens at {p.tokens_per_s:g} tok/s + {p.prefill_s:g} s prefill "
-              f"(~{p.service_s(int(mean_tokens)):.1f} s -> {p.service_s(int(mean_tokens)) * args.scale:.3f} s)")
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="onecard-judge-") as tmp:
+        spawn_s = calibrate_spawn(Path(tmp))
+        print(f"judge loop: {n_items} items, {args.workers} workers, scale {args.scale:g}, "
+              f"max_wait_s {max_wait_s:g}; the stand-in itself takes {spawn_s:.3f} s to be ready, "
+              "taken off its start delay")
+        for p in (CANDIDATE, JUDGE):
+            mean_tokens = sum(p.tokens) // 2
+            print(f"  {p.alias:9} {p.name:9}: cold start {p.cold_start_s:g} s -> {p.cold_start_s * args.scale:.3f} s;"
+                  f" {p.tokens[0]}-{p.tokens[1]} tokens at {p.tokens_per_s:g} tok/s after {p.prefill_s:g} s prefill"
+                  f" (~{p.service_s(mean_tokens):.1f} s -> {p.service_s(mean_tokens) * args.scale:.3f} s)")
         for workload in workloads:
             for policy in policies:
                 t = time.monotonic()
-                run = run_one(policy, workload, items, workers=args.workers, scale=args.scale,
+                run = run_one(policy, workload, items, workers=args.workers, scale=args.scale, spawn_s=spawn_s,
                               max_wait_s=max_wait_s, tmp=Path(tmp))
                 runs.append(run)
                 print(f"  ran {policy:10} {workload:11} in {time.monotonic() - t:5.1f} s: {run.swaps} swaps, "
-                      f"{run.errors} errors, measured cold starts {run.cold_start_s}", flush=True)
+                      f"{run.errors} errors; measured cold start {run.cold_start_s}, swap {run.swap_s}", flush=True)
     print()
     print(table(runs, max_wait_s))
     verdict = judge_aims(runs, max_wait_s)
-    for w, ratios in verdict["ratios"].items():
-        print(f"{w}: FIFO makespan / policy makespan = {ratios['fifo_makespan_over_policy']:.2f}x; "
-              f"policy swaps / floor = {ratios['policy_swaps_over_floor']:.2f}; "
-              f"FIFO swaps / floor = {ratios['fifo_swaps_over_floor']:.2f}")
+    for w, r in verdict["ratios"].items():
+        print(f"{w:11}: FIFO makespan / policy makespan = {r['fifo_makespan_over_policy']:.2f}x; "
+              f"swaps / floor: policy {r['policy_swaps_over_floor']:.2f}, FIFO {r['fifo_swaps_over_floor']:.2f}")
     for aim, ok in verdict["aims"].items():
-        print(f"  {'MET   ' if ok else 'MISSED'} {aim}")
+        print(f"  {'met   ' if ok else 'MISSED'} {aim}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "judge_loop",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
         "config": {"items": n_items, "workers": args.workers, "scale": args.scale, "max_wait_s": max_wait_s,
-                   "budget_gib": BUDGET_GIB, "seed": args.seed,
-                   "profiles": {p.alias: {**asdict(p), "env": p.env(args.scale)} for p in (CANDIDATE, JUDGE)}},
-        "definitions": {
-            "swaps": "loads that evicted another model (manager swap records with non-empty evicted)",
-            "floor": "closed loop: 2 * ceil(items / workers) - 1; phases: 1",
-            "makespan": "first request sent to last answer received, client side",
-            "wait": "gateway queue wait per request (enqueued to admitted; 0 when admitted at once)",
-        },
+                   "budget_gib": BUDGET_GIB, "seed": args.seed, "standin_spawn_s": round(spawn_s, 4),
+                   "profiles": {p.alias: {**asdict(p), "env": p.env(args.scale, spawn_s)}
+                                for p in (CANDIDATE, JUDGE)}},
+        "definitions": DEFINITIONS,
         "runs": [asdict(r) for r in runs],
         **verdict,
     }, indent=2) + "\n")

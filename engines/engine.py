@@ -103,6 +103,7 @@ class Engine:
         self.start_seconds: list[float] = []
         self.wake_seconds: list[float] = []
         self.sleep_level = 0
+        self.vllm_version: str | None = None
 
     # --- views -----------------------------------------------------------------------------------
 
@@ -237,6 +238,7 @@ class Engine:
                 raise
             break
         elapsed = time.monotonic() - t0
+        self.vllm_version = await self.api.version()
         self.start_seconds.append(elapsed)
         self.ready_since = time.monotonic()
         self.last_used = time.monotonic()

@@ -159,6 +159,13 @@ class VllmApi:
             raise NotReady(f"1-token probe failed: {e!r}") from e
         return time.monotonic() - t0
 
+    async def version(self) -> str | None:
+        try:
+            r = await self.client.get(f"{self.base_url}/version", timeout=5)
+            return str(r.json().get("version")) if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+
     async def sleep(self, level: int) -> None:
         r = await self.client.post(f"{self.base_url}/sleep", params={"level": level}, timeout=120)
         r.raise_for_status()

@@ -14,6 +14,7 @@ import httpx
 
 from engines.errors import EngineError
 from engines.manager import EngineManager, ManagerEvents
+from engines.provenance import engine_record, header_value
 from engines.registry import Registry, Target
 from engines.state import EngineState
 from gateway.metrics import Metrics
@@ -87,6 +88,7 @@ class Gateway:
     admission: Admission = field(default_factory=Admission)
     started_at: float = field(default_factory=time.time)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _records: dict[str, tuple[tuple[str, str | None], dict[str, Any], str]] = field(default_factory=dict)
 
     def resolve(self, name: str) -> Target | None:
         return self.manager.resolve(name)
@@ -97,8 +99,20 @@ class Gateway:
     def adapter_path(self, target: Target) -> str:
         return self.manager.adapter_path(target)
 
+    def record(self, model: str) -> dict[str, Any]:
+        """The reproducibility record of a model: source and revision, and once running, vLLM and flags."""
+        engine = self.manager.engines[model]
+        key = (model, engine.engine_id)
+        cached = self._records.get(model)
+        if cached is None or cached[0] != key:
+            record = {**self.provenance.get(model, {}), **engine_record(engine)}
+            cached = (key, record, header_value(record))
+            self._records[model] = cached
+        return cached[1]
+
     def response_headers(self, model: str) -> dict[str, str]:
-        return {"x-onecard-model": model}
+        self.record(model)
+        return {"x-onecard-model": model, "x-onecard-provenance": self._records[model][2]}
 
     def model_cards(self) -> list[dict[str, Any]]:
         """Every model, alias and adapter, OpenAI-shaped, with state and footprint in ``onecard``."""
@@ -116,7 +130,7 @@ class Gateway:
                 "max_model_len": spec.max_model_len,
                 "pinned": spec.pinned,
                 "source": spec.source,
-                **self.provenance.get(spec.name, {}),
+                **self.record(spec.name),
             }
             cards.append({"id": spec.name, "object": "model", "created": created, "owned_by": "onecard",
                           "root": spec.source, "parent": None, "max_model_len": spec.max_model_len,

@@ -50,8 +50,14 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     uvicorn.Server(config).run()
 
 
-def demo_registry(path: Path, *, models_dir: Path, executable: Path) -> Path:
-    """A registry of the tiny CPU models: two bases that cannot share the budget, one LoRA adapter."""
+def demo_registry(path: Path, *, models_dir: Path, executable: Path, adapters_dir: Path | None = None) -> Path:
+    """A registry of the tiny CPU models: two bases that cannot share the budget, one LoRA adapter.
+
+    New adapter folders for ``tiny-llama`` dropped into ``adapters_dir`` (default: next to the registry)
+    are served by their folder name within seconds.
+    """
+    adapters_dir = adapters_dir or path.parent / "adapters"
+    adapters_dir.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
         "gpu": {"budget_gib": DEMO_BUDGET_GIB, "headroom_gib": 0.0, "platform": "cpu"},
         "vllm": {"executable": str(executable)},
@@ -69,6 +75,7 @@ def demo_registry(path: Path, *, models_dir: Path, executable: Path) -> Path:
                     "max_rank": 8,
                     "max_loras": 2,
                     "adapters": {"tiny-lora": {"path": str(models_dir / "tiny-lora"), "rank": 8}},
+                    "watch_dirs": [str(adapters_dir)],
                 },
             },
             {

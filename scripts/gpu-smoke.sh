@@ -83,6 +83,9 @@ stop_gateway() {  # SIGTERM (drain, stop engines), wait up to $1 s, then SIGKILL
     return 1
   fi
 }
+engine_field() {  # engine_field FIELD JSON: a number from this model's row in /admin/engines
+  grep -o "{\"model\":\"$NAME\"[^}]*" <<<"$2" | grep -o "\"$1\":[0-9][0-9]*" | cut -d: -f2
+}
 engine_groups() {  # the engines this run's gateway started: what it reported, and its state file
   local state=$WORK/run/state/engines.json
   printf '%s\n' "${ENGINE_PIDS[@]}"
@@ -181,7 +184,7 @@ CLIENT_PID=$!
 # Watch the start: note the engine's pid as soon as it has one, fail fast when it fails.
 while kill -0 "$CLIENT_PID" 2>/dev/null; do
   ENGINES=$(curl -fsS --max-time 5 "$BASE/admin/engines" 2>/dev/null || true)
-  ((${#ENGINE_PIDS[@]} > 0)) || mapfile -t ENGINE_PIDS < <(grep -o '"pid":[0-9]*' <<<"$ENGINES" | cut -d: -f2)
+  ((${#ENGINE_PIDS[@]} > 0)) || mapfile -t ENGINE_PIDS < <(engine_field pid "$ENGINES")
   if [[ $ENGINES == *'"state":"failed"'* ]]; then diagnose; die "the engine failed to start"; fi
   kill -0 "$GW_PID" 2>/dev/null || { diagnose; die "the gateway exited"; }
   sleep 1
@@ -191,9 +194,9 @@ CLIENT_PID=""
 COLD_S=$(seconds_since "$t0")
 log "cold start: ${COLD_S} s"
 ENGINES=$(curl -fsS --max-time 10 "$BASE/admin/engines")
-mapfile -t ENGINE_PIDS < <(grep -o '"pid":[0-9]*' <<<"$ENGINES" | cut -d: -f2)
-((${#ENGINE_PIDS[@]} > 0)) || die "/admin/engines shows no engine pid: $ENGINES"
-ENGINE_PORT=$(grep -o '"port":[0-9]*' <<<"$ENGINES" | head -n 1 | cut -d: -f2)
+mapfile -t ENGINE_PIDS < <(engine_field pid "$ENGINES")
+ENGINE_PORT=$(engine_field port "$ENGINES")
+[[ ${#ENGINE_PIDS[@]} == 1 && -n $ENGINE_PORT ]] || die "/admin/engines shows no running engine: $ENGINES"
 log "engine pid ${ENGINE_PIDS[*]} on port $ENGINE_PORT"
 log "record: $(curl -fsS --max-time 10 "$BASE/v1/models/$NAME")"
 
@@ -278,6 +281,6 @@ onecard GPU smoke: $MODEL on $GPU_NAME
   sleep, level 1               ${SLEEP_S} s (freed ${FREED_MIB} MiB)
   wake (next request)          ${WAKE_S} s
   gateway stop                 ${STOP_S} s
-  checks failed                ${#FAILED[@]}${FAILED[*]:+ (${FAILED[*]})}
+  checks failed                ${#FAILED[@]}${FAILED[*]:+$(printf '; %s' "${FAILED[@]}")}
 EOF
 ((${#FAILED[@]} == 0))

@@ -61,6 +61,18 @@ def test_chat_streamed_and_not(gateway: GatewayProcess) -> None:
     assert all(c.usage is None for c in chunks)
 
 
+def test_reproducibility_record(gateway: GatewayProcess) -> None:
+    r = httpx.post(gateway.url + "/v1/completions", json={"model": "candidate", "prompt": "x", "max_tokens": 1},
+                   timeout=120)
+    header = r.headers["x-onecard-provenance"]
+    assert "vllm=0.32.0+cpu" in header and "revision=sha256:" in header
+    card = next(m for m in httpx.get(gateway.url + "/v1/models").json()["data"] if m["id"] == "tiny-llama")
+    info = card["onecard"]
+    assert info["vllm_version"] == "0.32.0+cpu"
+    assert info["revision"].startswith("sha256:") and len(info["files_sha256"]["config.json"]) == 64
+    assert "--max-model-len" in info["engine_flags"] and "--port" not in info["engine_flags"]
+
+
 def test_completions_echo_logprobs_equal_the_engines_own(gateway: GatewayProcess) -> None:
     body = {"model": "tiny-llama", "prompt": "The quick brown fox", "echo": True, "logprobs": 1, "max_tokens": 0}
     via = sdk(gateway).completions.create(**body)  # type: ignore[call-overload]
@@ -149,6 +161,24 @@ def test_closed_judge_loop_stays_near_the_swap_floor(gateway: GatewayProcess) ->
     swaps = httpx.get(gateway.url + "/admin/swaps", timeout=10).json()["swaps"][before:]
     evicting = [s for s in swaps if s["evicted"]]
     assert len(evicting) <= floor + 2, [(s["model"], s["reason"]) for s in swaps]
+
+
+def test_new_adapter_folder_is_served_by_name_within_10s(gateway: GatewayProcess, real_vllm: RealVllm) -> None:
+    import shutil
+
+    target = gateway.run_dir / "adapters" / "tuesday-lora"
+    shutil.copytree(real_vllm.models.lora, gateway.run_dir / "adapters" / ".tmp-copy")
+    t0 = time.monotonic()
+    (gateway.run_dir / "adapters" / ".tmp-copy").rename(target)  # appears at once, complete
+    client = sdk(gateway)
+    while "tuesday-lora" not in {m.id for m in client.models.list()}:
+        assert time.monotonic() - t0 < 10, "the new adapter was not listed within 10 s"
+        time.sleep(0.2)
+    prompt = "Once upon a time"
+    tuned = client.completions.create(model="tuesday-lora", prompt=prompt, max_tokens=8, temperature=0)
+    print(f"adapter listed and answered {time.monotonic() - t0:.1f} s after its folder appeared")
+    base = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=8, temperature=0)
+    assert tuned.model == "tuesday-lora" and tuned.choices[0].text != base.choices[0].text
 
 
 def test_kill9_of_gateway_then_next_start_leaves_no_vllm(gateway: GatewayProcess, tmp_path: Path) -> None:
