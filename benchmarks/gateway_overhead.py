@@ -119,13 +119,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has used so far (all CPUs, from /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
 class CpuMeter:
+    """CPU seconds used by our processes, and by everything else on the machine, since it was made."""
+
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.start = {k: cpu_seconds(p) for k, p in pids.items()}
+        self.machine_start = machine_busy_seconds()
 
     def used(self) -> dict[str, float]:
-        return {k: cpu_seconds(p) - self.start[k] for k, p in self.pids.items()}
+        ours = {k: cpu_seconds(p) - self.start[k] for k, p in self.pids.items()}
+        ours["others"] = max(0.0, machine_busy_seconds() - self.machine_start - sum(ours.values()))
+        return ours
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,17 +153,19 @@ def expect_ok(resp: Response, route: Route) -> None:
         raise RuntimeError(f"{route.name}: HTTP {resp.status}: {resp.body[:300]!r}")
 
 
-async def latency_block(route: Route, body: bytes, n: int) -> list[float]:
+async def latency_block(route: Route, body: bytes, n: int, cpu_pids: dict[str, int]) -> dict[str, Any]:
     conn = await Connection.open(route.host, route.port)
     try:
         for _ in range(20):  # warm the connection (and the gateway's upstream connection)
             expect_ok(await conn.request(b"POST", PATH, body), route)
         out = []
+        meter = CpuMeter(cpu_pids)
+        t0 = time.perf_counter()
         for _ in range(n):
             r = await conn.request(b"POST", PATH, body)
             expect_ok(r, route)
             out.append(r.done_at - r.sent_at)
-        return out
+        return {"latencies": out, "cpu_s": meter.used(), "seconds": time.perf_counter() - t0}
     finally:
         conn.close()
 
@@ -209,8 +226,8 @@ def check_alike(direct: Response, gateway: Response, what: str) -> None:
                            f"({gateway.events} vs {direct.events} events)")
 
 
-async def measure(routes: list[Route], p: Params, pids: dict[str, int], log: Callable[[str], None]) -> dict[str, Any]:
-    direct, gateway = routes
+async def measure(routes: list[Route], p: Params, pids: dict[str, int], groups: dict[str, frozenset[int]],
+                  log: Callable[[str], None]) -> dict[str, Any]:
     lat_body = chat_body(p.latency_max_tokens, stream=False)
     stream_body = chat_body(p.stream_tokens, stream=True)
     ns_body = chat_body(p.ns_max_tokens, stream=False)
@@ -231,9 +248,11 @@ async def measure(routes: list[Route], p: Params, pids: dict[str, int], log: Cal
 
     log(f"latency: {p.latency_n} sequential requests per route in {p.latency_blocks} alternating blocks")
     block = p.latency_n // p.latency_blocks
-    lat = await alternate(routes, p.latency_blocks, lambda r: latency_block(r, lat_body, block))
+    lat_blocks = await alternate(routes, p.latency_blocks, lambda r: latency_block(r, lat_body, block, pids))
+    lat = {name: [b["latencies"] for b in blocks] for name, blocks in lat_blocks.items()}
     lat_all = {name: [x for b in blocks for x in b] for name, blocks in lat.items()}
     ls = {name: summarize(v) for name, v in lat_all.items()}
+    lat_cpu = {name: cpu_per_unit(blocks, block * len(blocks)) for name, blocks in lat_blocks.items()}
     results["latency"] = {
         "requests_per_route": len(lat_all["direct"]),
         "max_tokens": p.latency_max_tokens,
@@ -242,6 +261,8 @@ async def measure(routes: list[Route], p: Params, pids: dict[str, int], log: Cal
         "added_median_ms": (ls["gateway"]["median"] - ls["direct"]["median"]) * 1e3,
         "added_p99_ms": (ls["gateway"]["p99"] - ls["direct"]["p99"]) * 1e3,
         "block_medians_ms": {name: [percentile(b, 50) * 1e3 for b in blocks] for name, blocks in lat.items()},
+        "cpu_us_per_request": {name: c["per_unit"] for name, c in lat_cpu.items()},
+        "others_cpu_share": {name: c["others_share"] for name, c in lat_cpu.items()},
     }
 
     log(f"streaming: {p.streams} concurrent streams x {p.stream_tokens} tokens "
@@ -250,35 +271,56 @@ async def measure(routes: list[Route], p: Params, pids: dict[str, int], log: Cal
                          lambda r: concurrent_round(r, stream_body, p.streams, p.stream_per_conn, pids))
     results["stream"] = summarize_rounds(st, "events_per_s", extra={
         "streams": p.streams, "tokens": p.stream_tokens, "events_per_stream": stream_events,
-        "streams_per_connection": p.stream_per_conn})
+        "streams_per_connection": p.stream_per_conn}, groups=groups)
 
     log(f"non-stream throughput: {p.ns_concurrency} concurrent workers x {p.ns_per_worker} requests, "
         f"{p.ns_rounds} rounds per route")
     ns = await alternate(routes, p.ns_rounds,
                          lambda r: concurrent_round(r, ns_body, p.ns_concurrency, p.ns_per_worker, pids))
     results["nonstream"] = summarize_rounds(ns, "req_per_s", extra={
-        "concurrency": p.ns_concurrency, "max_tokens": p.ns_max_tokens})
-    _ = direct, gateway
+        "concurrency": p.ns_concurrency, "max_tokens": p.ns_max_tokens}, groups=groups)
     return results
 
 
-def summarize_rounds(rounds: dict[str, list[dict[str, Any]]], key: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """Median rate per route over its rounds, the ratio, and the gateway's CPU per unit of work."""
+def cpu_per_unit(rounds: list[dict[str, Any]], work: int) -> dict[str, Any]:
+    """CPU microseconds per unit of work for each process (and for everything else on the machine)."""
+    cpu = {k: sum(r["cpu_s"][k] for r in rounds) for k in rounds[0]["cpu_s"]}
+    wall = sum(r["seconds"] for r in rounds)
+    ncpu = os.cpu_count() or 1
+    return {"per_unit": {k: v / work * 1e6 for k, v in cpu.items()},
+            "utilisation": {k: v / wall for k, v in cpu.items()},
+            "others_share": cpu["others"] / (wall * ncpu)}
+
+
+def capacity(per_unit: dict[str, float], groups: dict[str, frozenset[int]]) -> float:
+    """Units per second the busiest CPU set could serve if nothing else ran: processes pinned to the
+    same CPUs add up; the set with the most CPU time per unit (divided by its CPUs) bounds the rate."""
+    load: dict[frozenset[int], float] = {}
+    for name, cpus in groups.items():
+        load[cpus] = load.get(cpus, 0.0) + per_unit.get(name, 0.0)
+    worst = max(us / len(cpus) for cpus, us in load.items() if cpus)
+    return 1e6 / worst if worst > 0 else float("inf")
+
+
+def summarize_rounds(rounds: dict[str, list[dict[str, Any]]], key: str, extra: dict[str, Any],
+                     groups: dict[str, frozenset[int]]) -> dict[str, Any]:
+    """Median rate per route over its rounds, the ratio, CPU per unit of work and the CPU-bound ratio."""
     unit = "events" if key == "events_per_s" else "requests"
     out: dict[str, Any] = dict(extra)
     for name, rs in rounds.items():
         rates = [r[key] for r in rs]
-        work = sum(r[unit] for r in rs)
-        cpu = {k: sum(r["cpu_s"][k] for r in rs) for k in rs[0]["cpu_s"]}
-        wall = sum(r["seconds"] for r in rs)
+        cpu = cpu_per_unit(rs, sum(r[unit] for r in rs))
         out[name] = {
             f"median_{key}": percentile(rates, 50),
             f"rounds_{key}": rates,
-            "cpu_us_per_unit": {k: v / work * 1e6 for k, v in cpu.items()},
-            "cpu_utilisation": {k: v / wall for k, v in cpu.items()},
+            "cpu_us_per_unit": cpu["per_unit"],
+            "cpu_utilisation": cpu["utilisation"],
+            "others_cpu_share": cpu["others_share"],
+            "cpu_capacity_per_s": capacity(cpu["per_unit"], groups),
             "first_byte_median_ms": percentile([r["first_byte_median_ms"] for r in rs], 50),
         }
     out["ratio"] = out["gateway"][f"median_{key}"] / out["direct"][f"median_{key}"]
+    out["cpu_capacity_ratio"] = out["gateway"]["cpu_capacity_per_s"] / out["direct"]["cpu_capacity_per_s"]
     out["unit"] = unit
     return out
 
@@ -321,25 +363,35 @@ def report(res: dict[str, Any]) -> str:
         return "meets aim" if ok else "MISSES aim"
 
     rows = [
-        ("", "direct", "gateway", "gateway - direct / ratio"),
+        ("", "direct", "gateway", "gateway - direct, or gateway / direct"),
         (f"latency median (ms, max_tokens {lat['max_tokens']})", f"{d['median']:.3f}", f"{g['median']:.3f}",
-         f"+{lat['added_median_ms']:.3f} ms  ({verdict(lat['added_median_ms'] < AIMS['added_median_ms'])} "
+         f"+{lat['added_median_ms']:.3f} ms  ({verdict(lat['added_median_ms'] < AIMS['added_median_ms'])}: "
          f"< {AIMS['added_median_ms']:g} ms)"),
         ("latency p99 (ms)", f"{d['p99']:.3f}", f"{g['p99']:.3f}",
-         f"+{lat['added_p99_ms']:.3f} ms  ({verdict(lat['added_p99_ms'] < AIMS['added_p99_ms'])} "
+         f"+{lat['added_p99_ms']:.3f} ms  ({verdict(lat['added_p99_ms'] < AIMS['added_p99_ms'])}: "
          f"< {AIMS['added_p99_ms']:g} ms)"),
         (f"streaming chunks/s ({st['streams']} streams x {st['tokens']} tokens)",
          f"{st['direct']['median_events_per_s']:,.0f}", f"{st['gateway']['median_events_per_s']:,.0f}",
-         f"{st['ratio']:.3f}x  ({verdict(st['ratio'] >= AIMS['stream_ratio'])} >= {AIMS['stream_ratio']:g})"),
+         f"{st['ratio']:.3f}x  ({verdict(st['ratio'] >= AIMS['stream_ratio'])}: >= {AIMS['stream_ratio']:g}x)"),
         (f"non-stream req/s ({ns['concurrency']} concurrent)", f"{ns['direct']['median_req_per_s']:,.0f}",
          f"{ns['gateway']['median_req_per_s']:,.0f}", f"{ns['ratio']:.3f}x"),
-        ("gateway CPU per stream chunk (us)", "", f"{st['gateway']['cpu_us_per_unit']['gateway']:.1f}", ""),
-        ("gateway CPU per non-stream request (us)", "", f"{ns['gateway']['cpu_us_per_unit']['gateway']:.1f}", ""),
+        ("gateway CPU per sequential request (us)", "",
+         f"{lat['cpu_us_per_request']['gateway']['gateway']:.0f}", ""),
+        ("gateway CPU per stream chunk (us)", "", f"{st['gateway']['cpu_us_per_unit']['gateway']:.1f}",
+         f"CPU-bound ratio {st['cpu_capacity_ratio']:.3f}x"),
+        ("gateway CPU per concurrent request (us)", "", f"{ns['gateway']['cpu_us_per_unit']['gateway']:.0f}",
+         f"CPU-bound ratio {ns['cpu_capacity_ratio']:.3f}x"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) if i < 3 else c for i, (c, w) in
                        enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    others = max([*lat["others_cpu_share"].values(), st["direct"]["others_cpu_share"],
+                  st["gateway"]["others_cpu_share"], ns["direct"]["others_cpu_share"],
+                  ns["gateway"]["others_cpu_share"]])
+    if others > 0.05:
+        lines.append(f"\nWARNING: other processes used up to {others:.0%} of the machine's CPU during a phase; "
+                     "rates and tails are then unreliable (CPU per unit and CPU-bound ratios less so).")
     return "\n".join(lines)
 
 
@@ -387,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway_engine": gw_engine_pid}
         routes = [Route("direct", "127.0.0.1", direct_port), Route("gateway", "127.0.0.1", gw_port)]
         try:
-            res = run(measure(routes, p, pids, log))
+            groups = {name: frozenset(cpus) for name, cpus in layout.items()}
+            res = run(measure(routes, p, pids, groups, log))
         except Exception:
             print(gw.log_tail(), file=sys.stderr)
             raise

@@ -34,7 +34,7 @@ from engines.leftovers import EngineRecord, StateFile
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
-from engines.state import EngineState, StateMachine
+from engines.state import EngineState, StateMachine, wait_event
 from engines.vllm import LaunchConfig, NotReady, VllmApi, build_argv, build_env
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,7 @@ class Engine:
             self._idle.set()
 
     async def drained(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._idle, timeout_s)
 
     # --- start -------------------------------------------------------------------------------------
 

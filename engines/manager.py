@@ -23,19 +23,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
 from engines.adapters import FoundAdapter, scan_adapters
 from engines.engine import Engine, RestartPolicy
 from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, QueueFull
+from engines.gpu import GpuProbe
 from engines.leases import Lease
 from engines.leftovers import StateFile
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Platform, Registry, Target
 from engines.scheduler import POLICIES, EngineView, idle_expired, victims_for_room
-from engines.state import EngineState
+from engines.state import EngineState, wait_event
 from engines.vllm import LaunchConfig
 
 log = logging.getLogger(__name__)
+
+
+def engine_gpu_bytes(probe: GpuProbe, pid: int) -> int:
+    """GPU memory held by a process and its descendants (vLLM's workers hold the weights), per NVML."""
+    try:
+        root = psutil.Process(pid)
+        pids = {pid, *(c.pid for c in root.children(recursive=True))}
+    except psutil.Error:
+        return 0
+    total = 0
+    for reading in probe.read():
+        for p, used in (reading.process_memory_bytes or {}).items():
+            if p in pids:
+                total += used
+    return total
 
 
 class ManagerEvents:
@@ -79,12 +96,16 @@ class EngineManager:
         restart: RestartPolicy | None = None,
         events: ManagerEvents | None = None,
         tick_s: float = 1.0,
+        gpu_probe: GpuProbe | None = None,
     ) -> None:
         self.registry = registry
         self.client = client
         self.run_dir = run_dir
         self.events = events or ManagerEvents()
         self.plan: Plan = plan_registry(registry, budget_gib=budget_gib)
+        self._budget_override = budget_gib
+        self.gpu_probe = gpu_probe
+        self.measured_gib: dict[str, float] = {}
         self.platform = registry.gpu.platform
         self.launch = LaunchConfig(
             registry=registry,
@@ -330,8 +351,7 @@ class EngineManager:
                 raise LeaseError(f"lease {self.lease.lease_id} ({self.lease.gib:g} GiB, pid {self.lease.holder_pid}) "
                                  "is active; retry later or pass --wait")
             self._lease_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lease_freed.wait(), timeout=max(0.1, deadline - time.monotonic()))
+            await wait_event(self._lease_freed, max(0.1, deadline - time.monotonic()))
             if time.monotonic() >= deadline:
                 raise LeaseError("timed out waiting for the active lease to end")
         lease = Lease.new(gib=want, holder_pid=holder_pid, label=label)
@@ -406,8 +426,7 @@ class EngineManager:
                 raise
             except Exception:
                 log.exception("engine owner: step failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout=self._tick_s)
+            await wait_event(self._kick, self._tick_s)
 
     async def step(self) -> None:
         """One decision, carried out."""
@@ -497,11 +516,27 @@ class EngineManager:
             self._fail_waiters(name, err)
             return
         seconds = time.monotonic() - t0
+        await self._measure(engine)
         self.swaps.append(SwapRecord(time.time(), name, kind, victims, seconds, reason))
         del self.swaps[:-1000]
         self.events.swapped(name, kind, seconds, reason)
         self.draining = frozenset()
         self._admit_all(name)
+
+    async def _measure(self, engine: Engine) -> None:
+        """After a load, the engine's real GPU memory (NVML, its whole process tree) replaces the estimate."""
+        if self.gpu_probe is None or engine.pid is None:
+            return
+        measured = await asyncio.to_thread(engine_gpu_bytes, self.gpu_probe, engine.pid)
+        if measured <= 0:
+            return
+        gib = measured / 1024**3
+        log.info("model %s measured at %.2f GiB on the GPU (planned %.2f GiB)", engine.name, gib,
+                 engine.plan.total_gib)
+        self.measured_gib[engine.name] = gib
+        self.plan = plan_registry(self.registry, budget_gib=self._budget_override, measured_gib=self.measured_gib)
+        for name, e in self.engines.items():
+            e.plan = self.plan.model(name)
 
     async def _expire_idle(self, views: list[EngineView]) -> None:
         for v in views:

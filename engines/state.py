@@ -20,6 +20,7 @@ No state is set anywhere but :meth:`StateMachine.swap`::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -51,6 +52,27 @@ class InvalidTransition(RuntimeError):
     def __init__(self, name: str, current: EngineState, expected: EngineState, new: EngineState) -> None:
         super().__init__(f"engine {name}: cannot go {expected} -> {new}; it is {current}")
         self.current = current
+
+
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for ``event`` at most ``seconds``; True if it is set.
+
+    A timer sets nothing but a flag; unlike ``asyncio.wait_for`` on Python 3.11, a cancellation that
+    arrives as the timer fires is never swallowed.
+    """
+    if event.is_set():
+        return True
+    expired = asyncio.Event()
+    waiter = asyncio.ensure_future(event.wait())
+    timer = asyncio.get_running_loop().call_later(seconds, expired.set)
+    expiry = asyncio.ensure_future(expired.wait())
+    try:
+        await asyncio.wait({waiter, expiry}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        waiter.cancel()
+        expiry.cancel()
+    return event.is_set()
 
 
 def is_valid_transition(old: EngineState, new: EngineState) -> bool:

@@ -83,6 +83,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
             executable=settings.executable,
             budget_gib=settings.budget_gib,
             events=MetricsEvents(metrics),
+            gpu_probe=probe,
         )
         engines.update(manager.engines)
         for name in manager.engines:
@@ -142,7 +143,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OnecardError)
     async def onecard_error(request: Request, exc: OnecardError) -> Response:
-        return error_response(exc)
+        gw: Gateway | None = getattr(request.app.state, "gw", None)
+        return error_response(exc, plan=gw.manager.plan if gw is not None else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -68,6 +68,10 @@ class KeyAuth:
                 return None
             if key is None:
                 return Unauthorized("this route needs the admin key: send 'Authorization: Bearer <admin key>'")
+            if not _matches(key, s.api_keys):
+                return Unauthorized("the key sent is not valid; this route needs the admin key")
+            if not s.admin_keys:
+                return Forbidden("admin routes are closed: no admin key is configured (set ONECARD_ADMIN_KEYS)")
             return Forbidden("this route needs the admin key; the key sent is not an admin key")
         if is_admin or _matches(key, s.api_keys) or not s.api_keys:
             return None

@@ -15,17 +15,26 @@
           ├── PayloadTooLarge .............. 413 request_too_large
           └── Overloaded ................... 429 rate_limit_error, Retry-After
 
-Every error reaches the client as ``{"error": {"message", "type", "param", "code"}}``.
+Every error reaches the client as ``{"error": {"message", "type", "param", "code"}}``. Given the
+plan, an engine that ran out of memory is explained with what the plan gave it (:func:`oom_note`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.responses import Response
 
 from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError
+
+if TYPE_CHECKING:
+    from engines.planner import Plan
+
+#: What vLLM says when the card had less memory than the engine needed (CUDA OOM, or no room for the KV cache).
+OOM_MARKERS = ("out of memory", "outofmemoryerror", "no available memory for the cache blocks",
+               "larger than the available kv cache memory")
 
 
 class APIError(OnecardError):
@@ -75,8 +84,17 @@ class Overloaded(APIError):
         self.retry_after = retry_after
 
 
+def _dumps(error: dict[str, object]) -> bytes:
+    try:
+        return orjson.dumps({"error": error})
+    except orjson.JSONEncodeError:  # a lone surrogate the client sent, echoed back in the message: escape it
+        clean = {k: v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+                 for k, v in error.items()}
+        return orjson.dumps({"error": clean})
+
+
 def error_body(message: str, *, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+    return _dumps({"message": message, "type": type_, "param": param, "code": code})
 
 
 def classify(exc: BaseException) -> tuple[int, str, str | None, str | None, float | None]:
@@ -96,28 +114,54 @@ def classify(exc: BaseException) -> tuple[int, str, str | None, str | None, floa
     return 500, "internal_error", "internal_error", None, None
 
 
-def message_of(exc: BaseException) -> str:
+def oom_note(exc: BaseException, plan: Plan | None) -> str | None:
+    """For an engine that ran out of memory, the plan's figures for it, else None::
+
+        The plan gives big 2.00 GiB on the card (weights 1.00 + KV cache 0.02 + runtime 0.98 GiB) of
+        3.50 GiB usable (budget 3.5 GiB - headroom 0 GiB): ...
+    """
+    if plan is None or not isinstance(exc, EngineError) or exc.model is None:
+        return None
+    text = (exc.message + "\n" + "\n".join(exc.log_tail)).lower()
+    if not any(m in text for m in OOM_MARKERS):
+        return None
+    try:
+        mp = plan.model(exc.model)
+    except KeyError:
+        return None
+    parts = f"weights {mp.weights_gib:.2f} + KV cache {mp.kv_gib:.2f} + runtime {mp.overhead_gib:.2f} GiB"
+    if mp.offload_gib > 0:
+        parts += f", {mp.offload_gib:.2f} GiB of weights offloaded to the CPU"
+    measured = f"; measured {mp.measured_gib:.2f} GiB" if mp.measured_gib is not None else ""
+    return (f"The plan gives {mp.name} {mp.total_gib:.2f} GiB on the card ({parts}{measured}) of "
+            f"{plan.usable_gib:.2f} GiB usable (budget {plan.budget_gib:g} GiB - headroom {plan.headroom_gib:g} GiB): "
+            "memory the plan does not count is in use (another process on the GPU?) or its estimate is low; "
+            "see `onecard plan`, lower the model's max_model_len or gpu.budget_gib")
+
+
+def message_of(exc: BaseException, plan: Plan | None = None) -> str:
     if isinstance(exc, OnecardError):
-        return exc.message
+        note = oom_note(exc, plan)
+        return exc.message if note is None else f"{exc.message.rstrip('. ')}. {note}"
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
-def error_response(exc: BaseException) -> Response:
+def error_response(exc: BaseException, *, plan: Plan | None = None) -> Response:
+    """The OpenAI error JSON for ``exc``; ``plan`` lets an out-of-memory failure be explained."""
     status, type_, code, param, retry_after = classify(exc)
     headers = {}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return Response(
-        error_body(message_of(exc), type_=type_, code=code, param=param),
+        error_body(message_of(exc, plan), type_=type_, code=code, param=param),
         status_code=status,
         media_type="application/json",
         headers=headers,
     )
 
 
-def sse_error_event(exc: BaseException) -> bytes:
+def sse_error_event(exc: BaseException, *, plan: Plan | None = None) -> bytes:
     """The error as an SSE event (after a stream has begun, the status can no longer change)."""
     status, type_, code, param, _ = classify(exc)
-    body = orjson.dumps({"error": {"message": message_of(exc), "type": type_, "param": param, "code": code,
-                                   "status": status}})
+    body = _dumps({"message": message_of(exc, plan), "type": type_, "param": param, "code": code, "status": status})
     return b"data: " + body + b"\n\ndata: [DONE]\n\n"

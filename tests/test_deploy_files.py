@@ -352,7 +352,7 @@ def test_litellm_router_sends_each_name_to_a_box_that_serves_it() -> None:
     assert config["router_settings"]["num_retries"] == 0
 
 
-@needs("kubectl", "kubectl has kustomize built in")
+@needs("kubectl", "install kubectl: its built-in kustomize builds deploy/kubernetes")
 def test_kustomize_builds(tmp_path: Path) -> None:
     result = run(["kubectl", "kustomize", str(K8S)])
     assert result.returncode == 0, result.stderr

@@ -9,6 +9,7 @@ They need the admin key when keys are configured (see ``gateway.auth``)::
 from __future__ import annotations
 
 import orjson
+import psutil
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import PlainTextResponse, Response
@@ -104,8 +105,9 @@ async def swaps(request: Request, limit: int = Query(100, ge=1, le=1000)) -> Res
 
 
 class LeaseRequest(BaseModel):
-    gib: float | None = Field(default=None, gt=0, description="GiB to reserve; omit for the whole card")
-    pid: int = Field(gt=0, description="the process holding the lease; it ends when that process exits")
+    gib: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                              description="GiB to reserve; omit for the whole card")
+    pid: int = Field(gt=0, lt=2**31, description="the process holding the lease; it ends when that process exits")
     label: str = Field(default="", max_length=200)
     wait: bool = Field(default=False, description="wait for an active lease to end instead of failing")
 
@@ -113,6 +115,9 @@ class LeaseRequest(BaseModel):
 @router.post("/leases")
 async def grant_lease(request: Request, body: LeaseRequest) -> Response:
     gw = _gw(request)
+    if not psutil.pid_exists(body.pid):
+        raise BadRequest(f"no process has pid {body.pid}: a lease is held by a running process and ends with it",
+                         param="pid")
     lease = await gw.manager.grant_lease(gib=body.gib, holder_pid=body.pid, label=body.label, wait=body.wait)
     return _json(lease.as_dict(), status=201)
 

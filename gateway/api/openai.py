@@ -65,19 +65,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def parse_json(body: bytes) -> tuple[dict[str, Any], bool]:
+    """The request's JSON object, and whether it took Python's lenient parser: what orjson refuses and
+    vLLM's own parser takes (NaN, lone surrogates, integers past 64 bits) must reach the engine as sent."""
     if not body:
         raise BadRequest("the request body is empty; send a JSON object with at least 'model'")
+    lenient = False
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
+        lenient = True
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadRequest("the request body is not valid JSON: it is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest(f"the request body must be a JSON object, not {type(data).__name__}")
-    return data
+    return data, lenient
 
 
 def resolve(gw: Gateway, data: dict[str, Any]) -> Target:
@@ -93,7 +99,7 @@ def resolve(gw: Gateway, data: dict[str, Any]) -> Target:
 
 
 def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Call, Target]:
-    data = parse_json(body)
+    data, lenient = parse_json(body)
     target = resolve(gw, data)
     stream = data.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
@@ -112,7 +118,7 @@ def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Cal
         elif isinstance(opts, dict) and not opts.get("include_usage"):
             opts["include_usage"] = True
             strip_usage = changed = True
-    payload = orjson.dumps(data) if changed else body
+    payload = (json.dumps(data).encode() if lenient else orjson.dumps(data)) if changed else body
     call = Call(path=path, body=payload, model=target.model.name, stream=stream, strip_usage=strip_usage,
                 extra_headers=gw.response_headers(target.model.name))
     return call, target
@@ -129,7 +135,7 @@ async def handle(request: Request, path: str, *, usage: bool = True) -> Response
         model_label = call.model
         return await dispatch(gw, call, target)
     except OnecardError as e:
-        resp = error_response(e)
+        resp = error_response(e, plan=gw.manager.plan)
         gw.metrics.observe_request(model_label, str(resp.status_code), time.perf_counter() - started)
         return resp
 
@@ -195,7 +201,7 @@ async def waiting_stream(
         engine = task.result()
     except OnecardError as e:
         gw.metrics.observe_request(call.model, str(error_response(e).status_code), time.perf_counter() - call.started)
-        yield sse_error_event(e)
+        yield sse_error_event(e, plan=gw.manager.plan)
         return
     finally:
         if not task.done():
@@ -205,7 +211,7 @@ async def waiting_stream(
     try:
         resp = await forward(gw, call, target, engine, release_admission=False)
     except OnecardError as e:
-        yield sse_error_event(e)
+        yield sse_error_event(e, plan=gw.manager.plan)
         return
     if isinstance(resp, StreamingResponse):
         async for chunk in resp.body_iterator:

@@ -200,8 +200,15 @@ def pipelined(sim: Sim, items: int, workers: int) -> None:
     idle_judges = workers
 
     def generate() -> None:
-        if (item := next(todo, None)) is not None:
-            sim.request("candidate", lambda: (answers.append(item), dispatch(), generate()))
+        if (item := next(todo, None)) is None:
+            return
+
+        def answered() -> None:
+            answers.append(item)
+            dispatch()
+            generate()
+
+        sim.request("candidate", answered)
 
     def dispatch() -> None:
         nonlocal idle_judges

@@ -1,0 +1,73 @@
+"""The engine manager with stand-in engines: measured footprints, joins, queue order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engines.gpu import GpuReading
+from engines.manager import EngineManager
+from engines.registry import load_registry
+from engines.state import EngineState
+from tests.support import standin_executable, standin_model, write_registry
+
+
+class FakeProbe:
+    """A GPU on which every engine process holds ``per_engine`` bytes."""
+
+    def __init__(self, manager_ref: list[EngineManager], per_engine: int) -> None:
+        self.ref = manager_ref
+        self.per_engine = per_engine
+
+    def read(self) -> list[GpuReading]:
+        pids = [e.pid for e in self.ref[0].engines.values() if e.pid is not None]
+        return [GpuReading(index=0, name="fake", process_memory_bytes=dict.fromkeys(pids, self.per_engine))]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+        yield c
+
+
+async def test_measured_footprint_replaces_the_estimate(tmp_path: Path, client: httpx.AsyncClient) -> None:
+    reg = load_registry(write_registry(tmp_path / "r.yaml", [standin_model("a"), standin_model("b")],
+                                       executable=standin_executable(tmp_path), budget_gib=2.5))
+    ref: list[EngineManager] = []
+    manager = EngineManager(reg, client=client, run_dir=tmp_path / "run",
+                            gpu_probe=FakeProbe(ref, per_engine=2 * 1024**3))
+    ref.append(manager)
+    await manager.start()
+    try:
+        assert manager.plan.can_coreside({"a", "b"})  # planned at ~1 GiB each in 2.5
+        await manager.load("a")
+        assert manager.plan.model("a").measured_gib == pytest.approx(2.0)
+        assert manager.engines["a"].plan.resident_gib == pytest.approx(2.0)
+        assert not manager.plan.can_coreside({"a", "b"})  # measured: 2 + 1 > 2.5
+        await manager.load("b")
+        states = {n: e.state for n, e in manager.engines.items()}
+        assert states == {"a": EngineState.STOPPED, "b": EngineState.READY}  # a swap, not co-residency
+    finally:
+        await manager.close()
+
+
+async def test_concurrent_requests_join_one_start_and_keep_order(tmp_path: Path, client: httpx.AsyncClient) -> None:
+    reg = load_registry(write_registry(tmp_path / "r.yaml", [standin_model("a", env={"STANDIN_START_DELAY": "0.5"})],
+                                       executable=standin_executable(tmp_path)))
+    manager = EngineManager(reg, client=client, run_dir=tmp_path / "run")
+    await manager.start()
+    try:
+        waiters = [manager.enqueue("a") for _ in range(5)]
+        assert [manager.queue_position("a", w) for w in waiters] == [1, 2, 3, 4, 5]
+        engines = await asyncio.gather(*(manager.wait("a", w) for w in waiters))
+        assert len({id(e) for e in engines}) == 1 and engines[0].in_flight == 5
+        assert len(engines[0].start_seconds) == 1  # five requests, one start
+        for e in engines:
+            manager.release(e)
+        assert engines[0].in_flight == 0
+    finally:
+        await manager.close()
