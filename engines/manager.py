@@ -139,6 +139,7 @@ class EngineManager:
         self._kick = asyncio.Event()
         self._owner: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._preload: list[asyncio.Task[None]] = []
         self._swap_lock = asyncio.Lock()
         self.lease: Lease | None = None
         self._lease_freed = asyncio.Event()
@@ -164,12 +165,21 @@ class EngineManager:
                 self.state_file.set_section("lease", None)
         await self.rescan_adapters()
         self._owner = asyncio.create_task(self._run(), name="engine-owner")
+        for spec in self.registry.models:
+            if spec.pinned:  # pinned models are meant to be there: load them now, not at first request
+                self._preload.append(asyncio.create_task(self._load_logged(spec.name), name=f"preload-{spec.name}"))
         if any(m.lora.watch_dirs for m in self.registry.models):
             self._watcher = asyncio.create_task(self._watch_adapters(), name="adapter-watch")
         return killed
 
+    async def _load_logged(self, model: str) -> None:
+        try:
+            await self.load(model)
+        except OnecardError as e:
+            log.error("pinned model %s could not be loaded: %s", model, e.message)
+
     async def close(self) -> None:
-        for task in (self._owner, self._watcher):
+        for task in (*self._preload, self._owner, self._watcher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -233,9 +233,7 @@ def runtime_overhead_gib(platform: Platform) -> float:
     return CPU_RUNTIME_OVERHEAD_GIB if platform is Platform.CPU else RUNTIME_OVERHEAD_GIB
 
 
-def max_len_that_fits(
-    model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform
-) -> int:
+def max_len_that_fits(model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform) -> int:
     """The largest ``max_model_len`` (a multiple of 256) that fits with no offload; 0 if none does."""
     if arch is None:
         return 0
@@ -259,9 +257,7 @@ def _never_fits_fix(
     return "max_model_len", "lower max_model_len or concurrent_seqs (or use kv_cache_dtype: fp8)"
 
 
-def plan_model(
-    model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform
-) -> ModelPlan:
+def plan_model(model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform) -> ModelPlan:
     """Footprint and verdict of one model alone on a card with ``usable_gib`` free."""
     notes: list[str] = []
     quant = model.effective_quantization
@@ -285,8 +281,7 @@ def plan_model(
         notes.append(f"{model.params_b}B declared params at {_bits(quant, dtype):.2f} bits; KV not sized")
     if lora:
         notes.append(
-            f"LoRA slots: {model.lora.max_loras} x rank {model.lora.max_rank} = "
-            f"{lora / GIB:.2f} GiB (in overhead)"
+            f"LoRA slots: {model.lora.max_loras} x rank {model.lora.max_rank} = {lora / GIB:.2f} GiB (in overhead)"
         )
     runtime = runtime_overhead_gib(platform)
     weights_gib, kv_gib, lora_gib = weights / GIB, kv / GIB, lora / GIB
@@ -380,9 +375,7 @@ def plan_registry(
         budget_gib = detect_budget_gib()
         if budget_gib is None:
             budget_gib = FALLBACK_BUDGET_GIB
-            warnings.append(
-                f"gpu.budget_gib is 'auto' but no GPU was found; planned for {FALLBACK_BUDGET_GIB:g} GiB"
-            )
+            warnings.append(f"gpu.budget_gib is 'auto' but no GPU was found; planned for {FALLBACK_BUDGET_GIB:g} GiB")
     elif budget_gib is None:
         budget_gib = float(gpu.budget_gib)
     usable = budget_gib - gpu.headroom_gib
@@ -431,9 +424,7 @@ def check_plan(registry: Registry, plan: Plan) -> tuple[list[str], list[str]]:
                 f"{mp.offload_gib:g} GiB of weights to host RAM; write cpu_offload_gib: {mp.offload_gib:g}"
             )
         elif mp.verdict is Verdict.FITS and spec.cpu_offload_gib > 0:
-            warnings.append(
-                f"{where}: field 'cpu_offload_gib': ignored, the model fits without offload; remove it"
-            )
+            warnings.append(f"{where}: field 'cpu_offload_gib': ignored, the model fits without offload; remove it")
     pinned = [m.name for m in registry.models if m.pinned]
     if len(pinned) > 1 and not plan.can_coreside(set(pinned)):
         need = sum(plan.model(n).resident_gib for n in pinned)
@@ -442,6 +433,21 @@ def check_plan(registry: Registry, plan: Plan) -> tuple[list[str], list[str]]:
             f"the card, but together they need {need:.1f} GiB of the {plan.usable_gib:g} GiB usable; "
             "unpin some of them"
         )
+    elif pinned:
+        pinned_gib = sum(plan.model(n).resident_gib for n in pinned)
+        shut_out = [
+            m.name
+            for m in plan.models
+            if m.name not in pinned
+            and m.verdict is not Verdict.NEVER_FITS
+            and not plan.can_coreside(set(pinned) | {m.name})
+        ]
+        if shut_out:
+            warnings.append(
+                f"{path}: models {', '.join(map(repr, pinned))}: field 'pinned': pinned models hold "
+                f"{pinned_gib:.1f} GiB, so {', '.join(shut_out)} can never be loaded while they stay; "
+                "unpin them or lease the card when those models are needed"
+            )
     return problems, warnings
 
 

@@ -71,3 +71,25 @@ async def test_concurrent_requests_join_one_start_and_keep_order(tmp_path: Path,
         assert engines[0].in_flight == 0
     finally:
         await manager.close()
+
+
+async def test_pinned_model_loads_at_start_and_check_warns_about_what_it_shuts_out(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    from engines.planner import check_plan
+
+    reg = load_registry(write_registry(tmp_path / "r.yaml", [standin_model("p", pinned=True), standin_model("q")],
+                                       executable=standin_executable(tmp_path), budget_gib=1.5))
+    problems, warnings = check_plan(reg, EngineManager(reg, client=client, run_dir=tmp_path / "x").plan)
+    assert problems == []
+    assert any("pinned models hold" in w and "q can never be loaded" in w for w in warnings)
+    manager = EngineManager(reg, client=client, run_dir=tmp_path / "run")
+    await manager.start()
+    try:
+        for _ in range(100):
+            if manager.engines["p"].state is EngineState.READY:
+                break
+            await asyncio.sleep(0.05)
+        assert manager.engines["p"].state is EngineState.READY  # loaded with no request
+    finally:
+        await manager.close()
