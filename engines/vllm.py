@@ -137,7 +137,7 @@ class VllmApi:
             raise NotReady(f"1-token probe answered {r.status_code}: {r.text[:300]}")
 
     async def wait_ready(
-        self, *, served_name: str, timeout_s: float, alive: Callable[[], bool], poll_s: float = 0.1
+        self, *, served_name: str, timeout_s: float, alive: Callable[[], bool], poll_s: float = 0.02
     ) -> float:
         """Poll /health until 200, then probe. Returns seconds waited; raises TimeoutError or NotReady."""
         t0 = time.monotonic()

@@ -343,6 +343,23 @@ def test_engine_port_taken_retries_on_another_port(tmp_path: Path, monkeypatch: 
             p.wait(10)
 
 
+def test_engine_port_always_taken_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.engine
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        taken = listener.getsockname()[1]
+        monkeypatch.setattr(engines.engine, "free_port", lambda: taken)
+        reg = write_registry(tmp_path / "reg.yaml", [standin_model("m")], executable=standin_executable(tmp_path))
+        with running_gateway(reg, tmp_path / "run") as server:
+            r = complete(server.url, "m")
+            assert r.status_code == 502, r.text
+            message = r.json()["error"]["message"]
+            assert "model m failed to start" in message and "address already in use" in message, message
+            assert server.gw.manager.state_file.records() == []
+
+
 def _connectable(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
