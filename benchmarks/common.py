@@ -201,7 +201,7 @@ class Response:
 
 def dechunk(buf: bytes | bytearray) -> bytes | None:
     """The body of a complete chunked message, or None when ``buf`` does not hold all of it yet."""
-    out = []
+    out: list[bytes] = []
     pos = 0
     n = len(buf)
     while True:

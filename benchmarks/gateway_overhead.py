@@ -2,8 +2,8 @@
 
 ::
 
-    .venv/bin/python -m benchmarks.gateway_overhead            # full run, about 2 minutes
-    .venv/bin/python -m benchmarks.gateway_overhead --quick    # under a minute
+    .venv/bin/python -m benchmarks.gateway_overhead            # full run, about 25 s
+    .venv/bin/python -m benchmarks.gateway_overhead --quick    # about 8 s
 
 One run starts a stand-in engine (``tests.fakes.standin_engine``) directly and ``onecard serve`` as a
 subprocess whose registry holds one model backed by the stand-in, makes that model resident, checks
@@ -23,6 +23,10 @@ code, same client code) and the gateway adds a hop that has a CPU of its own, as
 beside a GPU engine would. Direct rates are bounded by that one CPU; a ratio near 1.0 means the
 gateway keeps up with an engine and client that together saturate a core. ``--cpus`` changes it.
 
+Each phase also records the CPU time every process spent per unit of work, and what other processes
+on the machine used meanwhile. From the former it derives a CPU-bound ratio (the rate the busiest CPU
+set could sustain on each route, gateway / direct), which a shared machine disturbs less than rates.
+
 It prints a table and writes ``benchmarks/results/gateway_overhead.json``. Aims (DESIGN §9): under
 1 ms added median, under 5 ms added p99, at least 0.9 of direct streaming throughput.
 """
@@ -35,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,7 +401,7 @@ def report(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gateway_overhead", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer requests and rounds (under a minute)")
+    ap.add_argument("--quick", action="store_true", help="fewer requests and rounds (seconds, not a minute)")
     ap.add_argument("--cpus", type=parse_cpus, default=None,
                     help="pinning, e.g. client=0,engine=0,gateway=1 (default) or 'none'")
     ap.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/...)")
@@ -408,11 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    try:
-        import uvloop
-        run = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency of uvicorn[standard]
-        run = asyncio.run
+    def run(coro: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+            return asyncio.run(coro)
+        return uvloop.run(coro)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onecard-bench-") as tmp, Processes(Path(tmp)) as procs:
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway_engine": gw_engine_pid}
         routes = [Route("direct", "127.0.0.1", direct_port), Route("gateway", "127.0.0.1", gw_port)]
         try:
-            groups = {name: frozenset(cpus) for name, cpus in layout.items()}
+            groups = {name: frozenset(sel) for name, sel in layout.items()}
             res = run(measure(routes, p, pids, groups, log))
         except Exception:
             print(gw.log_tail(), file=sys.stderr)
