@@ -400,7 +400,13 @@ class Engine:
 
 
 #: Lines that wrap the real cause ("See root cause above") and so say little on their own.
-_GENERIC = ("root cause", "see stack trace", "engine core initialization failed", "traceback (most recent")
+_GENERIC = (
+    "root cause",
+    "see stack trace",
+    "engine core initialization failed",
+    "traceback (most recent",
+    "systemexit",
+)
 _ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
 _PREFIX = re.compile(r"^(\([^)]*\)\s+)?((ERROR|WARNING|INFO|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
 from engines.engine import Engine
@@ -138,6 +139,9 @@ async def handle(request: Request, path: str, *, usage: bool = True) -> Response
         resp = error_response(e, plan=gw.manager.plan)
         gw.metrics.observe_request(model_label, str(resp.status_code), time.perf_counter() - started)
         return resp
+    except ClientDisconnect:  # the client left while sending its body: nobody to answer
+        gw.metrics.observe_request(model_label, "499", time.perf_counter() - started)
+        return Response(status_code=499)
 
 
 async def dispatch(gw: Gateway, call: Call, target: Target) -> Response:
