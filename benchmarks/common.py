@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -353,8 +354,12 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    packages = {}
+    for name in ("aiohttp", "httpx", "uvicorn", "starlette", "fastapi", "uvloop", "httptools"):
+        with contextlib.suppress(PackageNotFoundError):
+            packages[name] = version(name)
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "packages": packages}
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:

@@ -2,7 +2,7 @@
 
 ::
 
-    .venv/bin/python -m benchmarks.gateway_overhead            # full run, about 25 s
+    .venv/bin/python -m benchmarks.gateway_overhead            # full run, about 20 s
     .venv/bin/python -m benchmarks.gateway_overhead --quick    # about 8 s
 
 One run starts a stand-in engine (``tests.fakes.standin_engine``) directly and ``onecard serve`` as a

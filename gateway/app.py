@@ -1,5 +1,6 @@
-"""``create_app(settings)``: the FastAPI app. The lifespan opens the shared httpx client, the metrics
-and the engine manager, and closes them in reverse order (stopping every engine).
+"""``create_app(settings)``: the FastAPI app. The lifespan opens the shared httpx client (control plane),
+the shared aiohttp session (data path), the metrics and the engine manager, and closes them in reverse
+order (stopping every engine first).
 
 ::
 
@@ -15,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 
+import aiohttp
 import httpx
 import orjson
 from fastapi import FastAPI, Request
@@ -35,7 +37,7 @@ from gateway.auth import KeyAuth
 from gateway.context import Admission, Gateway, MetricsEvents
 from gateway.errors import BadRequest, error_body, error_response
 from gateway.metrics import Metrics
-from gateway.proxy import EngineTransport, Proxy
+from gateway.proxy import Proxy
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,23 +50,45 @@ def onecard_version() -> str:
         return "0.0.0"
 
 
-def make_client(settings: Settings) -> httpx.AsyncClient:
-    """The one shared client to the engines: explicit pool limits and timeouts, no proxies from env.
+#: How long an idle connection to an engine is kept: under the engines' own keep-alive (5 s in uvicorn,
+#: which vLLM serves on), so the gateway never sends a request on a connection the engine is closing.
+ENGINE_KEEPALIVE_S = 4.0
 
-    Its transport keeps httpx's request/response API and errors but pools connections in O(1) per
-    request (:class:`gateway.proxy.EngineTransport`; httpcore's own pool is quadratic in the
-    connections it holds). httpx's per-request INFO log line is turned off: at hundreds of requests a
-    second it costs CPU on the hot path and says nothing the gateway's own metrics do not.
+
+def make_client(settings: Settings) -> httpx.AsyncClient:
+    """The control plane's client to the engines (health, readiness probe, sleep/wake, LoRA, metrics
+    scrape; each call sets its own timeout): httpx's default pool, no proxies from the environment.
+
+    httpx's per-request INFO log line is turned off: it says nothing the gateway's own logs and
+    metrics do not, and the metrics scrape would repeat it every few seconds per engine.
     """
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    limits = httpx.Limits(max_connections=settings.max_connections,
-                          max_keepalive_connections=settings.max_connections, keepalive_expiry=30)
-    return httpx.AsyncClient(
-        transport=EngineTransport(limits),
-        timeout=httpx.Timeout(connect=settings.upstream_connect_timeout_s,
-                              read=settings.upstream_read_timeout_s, write=60.0, pool=None),
-        trust_env=False,
-    )
+    return httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=settings.upstream_connect_timeout_s),
+                             trust_env=False)
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    """The data path's one shared session: client requests relayed to the engines (:class:`Proxy`).
+
+    aiohttp, not httpx, because its C parser reads an SSE event for 3-7 us of CPU where httpx's reader
+    (httpcore, h11, anyio) spends 15-25 us (benchmarks/README.md, gateway_overhead).
+
+    - Limits: at most ``settings.max_connections`` connections in use, over all engines (a request
+      waits for a free one, without limit); idle ones are kept :data:`ENGINE_KEEPALIVE_S` seconds.
+    - Timeouts: ``upstream_connect_timeout_s`` to open a connection; ``upstream_read_timeout_s`` for
+      each read (the response head, then every piece of the body); no limit on a whole request, so
+      a stream lasts as long as the engine generates. Either timeout is a 502 "did not answer in time".
+    - Faithful relay: no proxies from the environment, no cookie jar (one engine's cookies must not
+      travel with later requests), no decompression, and none of aiohttp's own User-Agent or
+      Accept-Encoding headers.
+    """
+    connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
+                                     keepalive_timeout=ENGINE_KEEPALIVE_S)
+    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=settings.upstream_connect_timeout_s,
+                                    sock_read=settings.upstream_read_timeout_s)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
+                                 cookie_jar=aiohttp.DummyCookieJar(),
+                                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
 
 def create_app(settings: Settings, *, registry: Registry | None = None, gpu_probe: GpuProbe | None = None) -> FastAPI:
@@ -72,45 +96,45 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        probe = gpu_probe if gpu_probe is not None else NvmlProbe.open()
-        client = make_client(settings)
-        engines: dict[str, Engine] = {}
-        metrics = Metrics(version=onecard_version(), gpu_probe=probe, pid_to_model=pid_lookup(engines))
-        manager = EngineManager(
-            reg,
-            client=client,
-            run_dir=settings.run_dir,
-            executable=settings.executable,
-            budget_gib=settings.budget_gib,
-            events=MetricsEvents(metrics),
-            gpu_probe=probe,
-        )
-        engines.update(manager.engines)
-        for name in manager.engines:
-            metrics.set_engine_state(name, EngineState.STOPPED.value)
-        gw = Gateway(settings=settings, registry=reg, client=client, metrics=metrics, manager=manager,
-                     proxy=Proxy(client, metrics), admission=Admission())
-        app.state.gw = gw
-        for spec in reg.models:
-            gw.provenance[spec.name] = await asyncio.to_thread(source_record, reg, spec)
-        killed = await manager.start()
-        if killed:
-            log.warning("cleaned up %d leftover engine process(es) of an earlier run", len(killed))
-        tasks = [
-            asyncio.create_task(scrape_engines(gw), name="scrape-engines"),
-            asyncio.create_task(watch_gpu(gw, probe), name="watch-gpu"),
-        ]
-        try:
+        # Everything opened here is closed in reverse order on shutdown, or if the start fails half-way:
+        # the watchers, then the engines (whose in-flight requests still use the session), the
+        # session, the client, the GPU probe.
+        async with contextlib.AsyncExitStack() as stack:
+            probe = gpu_probe if gpu_probe is not None else NvmlProbe.open()
+            close_probe = getattr(probe, "close", None)
+            if close_probe is not None:
+                stack.callback(close_probe)
+            client = await stack.enter_async_context(make_client(settings))
+            session = await stack.enter_async_context(make_session(settings))
+            engines: dict[str, Engine] = {}
+            metrics = Metrics(version=onecard_version(), gpu_probe=probe, pid_to_model=pid_lookup(engines))
+            manager = EngineManager(
+                reg,
+                client=client,
+                run_dir=settings.run_dir,
+                executable=settings.executable,
+                budget_gib=settings.budget_gib,
+                events=MetricsEvents(metrics),
+                gpu_probe=probe,
+            )
+            stack.push_async_callback(manager.close)
+            engines.update(manager.engines)
+            for name in manager.engines:
+                metrics.set_engine_state(name, EngineState.STOPPED.value)
+            gw = Gateway(settings=settings, registry=reg, client=client, session=session, metrics=metrics,
+                         manager=manager, proxy=Proxy(session, metrics), admission=Admission())
+            app.state.gw = gw
+            for spec in reg.models:
+                gw.provenance[spec.name] = await asyncio.to_thread(source_record, reg, spec)
+            killed = await manager.start()
+            if killed:
+                log.warning("cleaned up %d leftover engine process(es) of an earlier run", len(killed))
+            tasks = [
+                asyncio.create_task(scrape_engines(gw), name="scrape-engines"),
+                asyncio.create_task(watch_gpu(gw, probe), name="watch-gpu"),
+            ]
+            stack.push_async_callback(cancel_all, tasks)
             yield
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await manager.close()
-            await client.aclose()
-            close = getattr(probe, "close", None)
-            if close is not None:
-                close()
 
     app = FastAPI(title="onecard", version=onecard_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -163,6 +187,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(exc)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def pid_lookup(engines: dict[str, Engine]) -> Callable[[int], str | None]:

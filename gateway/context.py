@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 
 from engines.errors import EngineError
@@ -81,7 +82,8 @@ class MetricsEvents(ManagerEvents):
 class Gateway:
     settings: Settings
     registry: Registry
-    client: httpx.AsyncClient
+    client: httpx.AsyncClient  # control plane: health, probes, sleep/wake, LoRA, metrics scrape
+    session: aiohttp.ClientSession  # data path: client requests relayed by the proxy
     metrics: Metrics
     manager: EngineManager
     proxy: Proxy

@@ -2,39 +2,48 @@
 
 ::
 
-    proxy = Proxy(client, metrics)
-    response = await proxy.forward(call, engine)   # call: what the handler parsed
+    proxy = Proxy(session, metrics)                # session: the app's shared aiohttp.ClientSession
+    response = await proxy.forward(call, engine, release)   # call: what the handler parsed
 
-Streams are relayed event by event, never buffered; when the client goes away, Starlette cancels
-the relay and ``finally`` closes the upstream response, so the engine aborts the request too.
-When the gateway asked the engine for usage on its own account (to count tokens), the usage-only
-event is taken out again, so the client receives exactly what it would have without the gateway.
+The data path runs on aiohttp (its C parser reads an SSE event for a few microseconds of CPU, where
+httpx's reader spends 15-25; see benchmarks/README.md); the control plane (health, sleep/wake, LoRA,
+metrics) keeps httpx. Streams are relayed event by event, never buffered; when the client goes away,
+Starlette cancels the relay and ``finally`` closes the upstream connection, so the engine aborts the
+request too. When the gateway asked the engine for usage on its own account (to count tokens), the
+usage-only event is taken out again, so the client receives exactly what it would have without the
+gateway.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 
-import anyio
-import httpcore
-import httpx
+import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 
 from engines.engine import Engine, last_error_line
 from engines.errors import EngineCrashed, EngineError
+from engines.process import EngineProcess
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
 
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server", "te", "trailer",
-     "upgrade", "proxy-authenticate", "proxy-authorization"}
+    {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server", b"te", b"trailer",
+     b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: What the gateway sends with every body (aiohttp adds Host and Content-Length; the session skips its
+#: own User-Agent and Accept-Encoding).
+REQUEST_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
+#: The errors of a failed engine call: aiohttp's, and its timeouts (all subclasses of TimeoutError).
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+#: How long a dropped connection waits for the engine's exit before it is called a connection failure:
+#: the socket closes as the process dies, but its exit is reaped a moment later.
+EXIT_GRACE_S = 0.5
 
 
 @dataclass
@@ -57,224 +66,112 @@ class StreamStats:
     usage: dict[str, int] | None = None
 
 
-def upstream_headers(resp: httpx.Response, extra: dict[str, str]) -> dict[str, str]:
-    headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
-    headers.update(extra)
-    return headers
+def upstream_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """The engine's response headers as sent (names lower-cased), less hop-by-hop ones and those that
+    ``extra`` replaces, then ``extra``."""
+    added = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    skip = HOP_BY_HOP.union(k for k, _ in added)
+    return [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in skip] + added
 
 
-class EnginePool:
-    """An HTTP/1.1 connection pool for the engines that costs O(1) per request.
+def finish(upstream: aiohttp.ClientResponse) -> None:
+    """Hand the connection back to the pool when the body was read to its end; otherwise close it,
+    which is how the engine learns that nobody is listening any more (it aborts the request)."""
+    if upstream.content.at_eof():
+        upstream.release()
+    else:
+        upstream.close()
 
-    httpcore's ``AsyncConnectionPool`` rescans every pooled connection on each request and on each
-    response close (polling each idle socket, and counting idle connections once per idle connection),
-    so its cost per request grows with the square of the connections held: 2-4 ms of CPU per request
-    at 64 concurrent requests, far more after a burst of hundreds of streams. Here each origin keeps a
-    stack of idle connections: a request pops the most recently used one (checking only that one for
-    expiry or a close by the server, as httpcore does) or opens a new one, and closing the response
-    pushes it back. ``max_connections`` bounds the connections in use (a request waits for a free one,
-    as with httpx's ``pool=None``); at most ``max_keepalive`` idle ones are kept per origin.
+
+async def exits_within(proc: EngineProcess, seconds: float) -> bool:
+    """Whether ``proc`` has exited, waiting up to ``seconds`` for it.
+
+    ``asyncio.wait`` with a timeout, not ``asyncio.wait_for`` (which on Python 3.11 can swallow a
+    cancellation that arrives as it times out), on a shielded ``proc.wait()`` (so that giving up
+    leaves the wait of the process, its log drain included, untouched; it ends when the process does).
     """
-
-    def __init__(self, *, max_connections: int, max_keepalive: int, keepalive_expiry: float | None) -> None:
-        self._idle: dict[tuple[bytes, bytes, int], deque[httpcore.AsyncHTTP11Connection]] = {}  # by origin
-        self._slots = anyio.Semaphore(max_connections)
-        self._max_keepalive = max_keepalive
-        self._keepalive_expiry = keepalive_expiry
-        self._backend = httpcore.AnyIOBackend()
-        self._closed = False
-
-    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        origin = request.url.origin
-        await self._slots.acquire()
-        try:
-            conn = await self._checkout(request)
-            try:
-                resp = await conn.handle_async_request(request)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await conn.aclose()
-                raise
-        except BaseException:
-            self._slots.release()
-            raise
-        assert isinstance(resp.stream, AsyncIterable)
-        return httpcore.Response(status=resp.status, headers=resp.headers,
-                                 content=_PooledStream(resp.stream, self, origin, conn), extensions=resp.extensions)
-
-    async def _checkout(self, request: httpcore.Request) -> httpcore.AsyncHTTP11Connection:
-        origin = request.url.origin
-        idle = self._idle.get((origin.scheme, origin.host, origin.port))
-        while idle:
-            conn = idle.pop()
-            if conn.is_idle() and not conn.has_expired():
-                return conn
-            await conn.aclose()
-        if origin.scheme != b"http":
-            raise httpcore.UnsupportedProtocol(f"the engine pool speaks plain HTTP only, not {origin.scheme!r}")
-        timeouts = request.extensions.get("timeout", {})
-        stream = await self._backend.connect_tcp(origin.host.decode("ascii"), origin.port,
-                                                 timeout=timeouts.get("connect"))
-        return httpcore.AsyncHTTP11Connection(origin=origin, stream=stream, keepalive_expiry=self._keepalive_expiry)
-
-    async def _checkin(self, origin: httpcore.Origin, conn: httpcore.AsyncHTTP11Connection) -> None:
-        """Called once per response, when it is closed (shielded from cancellation)."""
-        self._slots.release()
-        if self._closed or not conn.is_idle():
-            await conn.aclose()
-            return
-        idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), deque())
-        # The oldest idle connection goes when over the limit, or when expired or closed by the engine
-        # (checking one per call keeps this O(1) yet clears a stack left by a burst, or by a restart).
-        if idle and (len(idle) >= self._max_keepalive or idle[0].has_expired()):
-            await idle.popleft().aclose()
-        idle.append(conn)
-
-    async def aclose(self) -> None:
-        self._closed = True
-        idle, self._idle = self._idle, {}
-        for conns in idle.values():
-            for conn in conns:
-                await conn.aclose()
-
-    async def __aenter__(self) -> EnginePool:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None = None, exc_value: BaseException | None = None,
-                        traceback: TracebackType | None = None) -> None:
-        await self.aclose()
-
-
-class _PooledStream:
-    """The body of a pooled response: closing it hands the connection back to the pool."""
-
-    def __init__(self, stream: AsyncIterable[bytes], pool: EnginePool, origin: httpcore.Origin,
-                 conn: httpcore.AsyncHTTP11Connection) -> None:
-        self._stream = stream
-        self._pool = pool
-        self._origin = origin
-        self._conn = conn
-        self._closed = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for part in self._stream:
-                yield part
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with anyio.CancelScope(shield=True):
-            try:
-                close = getattr(self._stream, "aclose", None)
-                if close is not None:
-                    await close()
-            finally:
-                await self._pool._checkin(self._origin, self._conn)
-
-
-class EngineTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport with :class:`EnginePool` in place of httpcore's pool (plain HTTP, no proxies)."""
-
-    def __init__(self, limits: httpx.Limits) -> None:
-        super().__init__(limits=limits, trust_env=False)
-        self._pool = EnginePool(  # type: ignore[assignment]
-            max_connections=limits.max_connections or 1 << 30,
-            max_keepalive=limits.max_keepalive_connections or 1 << 30,
-            keepalive_expiry=limits.keepalive_expiry,
-        )
+    if proc.returncode is not None:
+        return True
+    if proc.pid is None:
+        return False  # never started
+    waiter = asyncio.shield(proc.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=seconds)
+    finally:
+        waiter.cancel()
+    return proc.returncode is not None
 
 
 class Proxy:
-    """Relays calls to engines over the client's transport.
+    """Relays calls to engines over the app's shared ``aiohttp.ClientSession`` (see
+    :func:`gateway.app.make_session` for its limits and timeouts). Bodies go out as given and come
+    back as the raw bytes the engine sent, never decoded or decompressed."""
 
-    Requests go straight to ``client``'s transport: ``AsyncClient.send`` would add a cookie jar (which
-    would carry one engine's cookies into later requests), auth, redirect and event-hook bookkeeping
-    and a log line, none of which an engine call wants, for 0.1-0.15 ms of CPU per request (measured
-    with benchmarks/gateway_overhead.py). The client's headers and timeouts still apply (read once,
-    here). Bodies are relayed as the raw bytes the engine sent (``response.stream``), not decoded.
-    """
-
-    def __init__(self, client: httpx.AsyncClient, metrics: Metrics) -> None:
-        self.client = client
+    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+        self.session = session
         self.metrics = metrics
-        self._transport: httpx.AsyncBaseTransport = client._transport
-        headers = httpx.Headers(client.headers)
-        headers.update({"content-type": "application/json", "accept": "*/*"})
-        self._headers = headers.raw
-        self._extensions = {"timeout": client.timeout.as_dict()}
-        self._urls: dict[str, httpx.URL] = {}
-
-    def _request(self, engine: Engine, call: Call) -> httpx.Request:
-        target = engine.base_url + call.path
-        url = self._urls.get(target)
-        if url is None:
-            if len(self._urls) > 4096:  # engines move ports as they restart; keep the cache small
-                self._urls.clear()
-            url = self._urls[target] = httpx.URL(target)
-        return httpx.Request("POST", url, headers=self._headers, content=call.body, extensions=self._extensions)
 
     async def forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
         """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over."""
-        request = self._request(engine, call)
         try:
-            upstream = await self._transport.handle_async_request(request)
-        except httpx.HTTPError as e:
+            upstream = await self.session.post(engine.base_url + call.path, data=call.body,
+                                               headers=REQUEST_HEADERS)
+        except UPSTREAM_ERRORS as e:
             release()
-            return self._fail(call, engine, e)
-        upstream.request = request
-        if not call.stream or upstream.status_code != 200 or not upstream.headers.get(
+            return await self._fail(call, engine, e)
+        if not call.stream or upstream.status != 200 or not upstream.headers.get(
             "content-type", ""
         ).startswith("text/event-stream"):
+            failure: Exception | None = None
             try:
-                body = b"".join([part async for part in upstream.stream])  # type: ignore[union-attr]
-            except httpx.HTTPError as e:
-                return self._fail(call, engine, e)
+                body = await upstream.read()
+            except UPSTREAM_ERRORS as e:
+                failure = e
             finally:
-                await upstream.aclose()
+                finish(upstream)
                 release()
-            self._account_body(call, upstream.status_code, body)
-            return Response(body, status_code=upstream.status_code,
-                            headers=upstream_headers(upstream, call.extra_headers))
-        return StreamingResponse(
-            self.relay(call, engine, upstream, release),
-            status_code=200,
-            headers=upstream_headers(upstream, {**SSE_HEADERS, **call.extra_headers}),
-        )
+            if failure is not None:
+                return await self._fail(call, engine, failure)
+            self._account_body(call, upstream.status, body)
+            response = Response(body, status_code=upstream.status)
+            response.raw_headers += upstream_headers(upstream, call.extra_headers)
+            return response
+        response = StreamingResponse(self.relay(call, engine, upstream, release), status_code=200)
+        response.raw_headers += upstream_headers(upstream, {**SSE_HEADERS, **call.extra_headers})
+        return response
 
     async def relay(
-        self, call: Call, engine: Engine, upstream: httpx.Response, release: Callable[[], None]
+        self, call: Call, engine: Engine, upstream: aiohttp.ClientResponse, release: Callable[[], None]
     ) -> AsyncIterator[bytes]:
         """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
         stats = StreamStats()
-        status = 200
+        failure: Exception | None = None
         pending = b""
         try:
-            async for chunk in upstream.stream:  # type: ignore[union-attr]  # the raw bytes, as they come
-                now = time.perf_counter()
-                if stats.first_token_at is None:
-                    stats.first_token_at = now
-                stats.last_token_at = now
-                if pending or not chunk.endswith(b"\n\n") or b'"usage"' in chunk:
-                    pending += chunk
-                    out, pending = self._events(pending, call, stats)
-                    if out:
-                        yield out
-                else:
-                    yield chunk
-            if pending:
-                yield pending
-        except httpx.HTTPError as e:
-            status = 502
-            yield sse_error_event(self._engine_error(engine, e))
+            try:
+                async for chunk in upstream.content.iter_any():  # the raw bytes, as they come
+                    now = time.perf_counter()
+                    if stats.first_token_at is None:
+                        stats.first_token_at = now
+                    stats.last_token_at = now
+                    if pending or not chunk.endswith(b"\n\n") or b'"usage"' in chunk:
+                        pending += chunk
+                        out, pending = self._events(pending, call, stats)
+                        if out:
+                            yield out
+                    else:
+                        yield chunk
+                if pending:
+                    yield pending
+            except UPSTREAM_ERRORS as e:
+                failure = e
+            finally:
+                finish(upstream)
+                release()
+            if failure is not None:  # the slot is free again while this waits on the engine's exit
+                yield sse_error_event(await self._engine_error(engine, failure))
         finally:
-            await upstream.aclose()
-            release()
-            self._account_stream(call, status, stats)
+            self._account_stream(call, 200 if failure is None else 502, stats)
 
     def _events(self, buf: bytes, call: Call, stats: StreamStats) -> tuple[bytes, bytes]:
         """Split complete SSE events off ``buf``; read (and maybe hide) the usage event."""
@@ -321,22 +218,27 @@ class Proxy:
             ttft_s=ttft, decode_s=decode,
         )
 
-    def _engine_error(self, engine: Engine, e: httpx.HTTPError) -> EngineError:
-        alive = engine.process is not None and engine.process.returncode is None
+    async def _engine_error(self, engine: Engine, e: Exception) -> EngineError:
+        """What the client is told: the engine exited (when its process is gone, or goes within
+        :data:`EXIT_GRACE_S` of a dropped connection), did not answer in time, or the connection failed."""
+        proc = engine.process
+        timed_out = isinstance(e, TimeoutError)
+        if proc is not None and not timed_out:
+            await exits_within(proc, EXIT_GRACE_S)
         tail = engine.log_tail(30)
-        if not alive:
+        if proc is None or proc.returncode is not None:
             return EngineCrashed(
                 f"model {engine.name}: the engine exited while serving this request"
                 + (f"; last log line: {last_error_line(tail)}" if tail else ""),
                 model=engine.name, log_tail=tail,
             )
-        if isinstance(e, httpx.TimeoutException):
+        if timed_out:
             return EngineError(f"model {engine.name}: the engine did not answer in time ({type(e).__name__})",
                                model=engine.name)
         return EngineError(f"model {engine.name}: the connection to the engine failed: {type(e).__name__}: {e}",
                            model=engine.name)
 
-    def _fail(self, call: Call, engine: Engine, e: httpx.HTTPError) -> Response:
-        err = self._engine_error(engine, e)
+    async def _fail(self, call: Call, engine: Engine, e: Exception) -> Response:
+        err = await self._engine_error(engine, e)
         self.metrics.observe_request(call.model, "502", time.perf_counter() - call.started)
         return error_response(err)
