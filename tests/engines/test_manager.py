@@ -93,3 +93,31 @@ async def test_pinned_model_loads_at_start_and_check_warns_about_what_it_shuts_o
         assert manager.engines["p"].state is EngineState.READY  # loaded with no request
     finally:
         await manager.close()
+
+
+async def test_on_a_gpu_eviction_sleeps_and_the_swap_back_is_a_wake(tmp_path: Path, client: httpx.AsyncClient) -> None:
+    """Residency tiers: where sleep frees memory, a victim sleeps (level 1 within the host-RAM allowance,
+    else level 2) and coming back is a wake, not a cold start."""
+    import yaml
+
+    path = write_registry(tmp_path / "r.yaml", [standin_model("a", gib=2.0), standin_model("b", gib=2.0)],
+                          executable=standin_executable(tmp_path), budget_gib=3.0, platform="cuda")
+    data = yaml.safe_load(path.read_text())
+    data["gpu"]["host_ram_for_sleep_gib"] = 0.0  # no room to keep weights in host RAM: level 2
+    path.write_text(yaml.safe_dump(data))
+    manager = EngineManager(load_registry(path), client=client, run_dir=tmp_path / "run")
+    await manager.start()
+    try:
+        a, b = manager.engines["a"], manager.engines["b"]
+        await manager.load("a")
+        await manager.load("b")
+        assert a.state is EngineState.SLEEPING and a.sleep_level == 2 and b.state is EngineState.READY
+        stats = httpx.get(f"{a.base_url}/standin/stats").json()
+        assert stats["sleeping"] and stats["sleep_level"] == 2  # the engine itself was put to sleep
+        await manager.load("a")
+        assert a.state is EngineState.READY and b.state is EngineState.SLEEPING
+        assert [s.kind for s in manager.swaps] == ["co_load", "cold", "wake"]
+        assert len(a.wake_seconds) == 1 and len(a.start_seconds) == 1  # woken, not restarted
+        assert "--enable-sleep-mode" in (a.process.argv if a.process else [])
+    finally:
+        await manager.close()

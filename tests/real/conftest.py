@@ -105,3 +105,21 @@ def gateway_factory(tmp_path: Path) -> Iterator[type[GatewayProcess]]:
     yield Factory
     for g in started:
         g.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_gateway(real_vllm: RealVllm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """``onecard serve`` with the demo registry (two tiny models that cannot share the budget), per module."""
+    from gateway.serve import demo_registry
+
+    run_dir = tmp_path_factory.mktemp("demo-gateway")
+    registry = demo_registry(run_dir / "registry.yaml", models_dir=real_vllm.models.base.parent,
+                             executable=real_vllm.executable)
+    gw = GatewayProcess(registry, run_dir)
+    gw.start()
+    yield gw
+    gw.stop()
+    deadline = time.monotonic() + 30
+    while vllm_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert vllm_processes() == [], "the gateway left vLLM engines behind"

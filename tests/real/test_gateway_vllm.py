@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,21 +15,14 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.serve import demo_registry
 from tests.real.conftest import GatewayProcess, RealVllm, vllm_processes
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def gateway(real_vllm: RealVllm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    run_dir = tmp_path_factory.mktemp("real-gateway")
-    registry = demo_registry(run_dir / "registry.yaml", models_dir=real_vllm.models.base.parent,
-                             executable=real_vllm.executable)
-    gw = GatewayProcess(registry, run_dir)
-    gw.start()
-    yield gw
-    gw.stop()
+def gateway(demo_gateway: GatewayProcess) -> GatewayProcess:
+    return demo_gateway
 
 
 def sdk(gw: GatewayProcess) -> openai.OpenAI:

@@ -26,15 +26,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.serve import demo_registry
-from tests.real.conftest import GatewayProcess, RealVllm, vllm_processes
+from tests.real.conftest import GatewayProcess, RealVllm
 from tests.real.lm_eval_env import LM_EVAL_VERSION, OFFLINE_ENV, setup_lm_eval
 from tests.support import ROOT
 
@@ -91,18 +89,8 @@ def swaps(gw: GatewayProcess) -> list[dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(real_vllm: RealVllm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    run_dir = tmp_path_factory.mktemp("lab-gateway")
-    registry = demo_registry(run_dir / "registry.yaml", models_dir=real_vllm.models.base.parent,
-                             executable=real_vllm.executable)
-    gw = GatewayProcess(registry, run_dir)
-    gw.start()
-    yield gw
-    gw.stop()
-    deadline = time.monotonic() + 30
-    while vllm_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert vllm_processes() == [], "the gateway left vLLM engines behind"
+def gateway(demo_gateway: GatewayProcess) -> GatewayProcess:
+    return demo_gateway
 
 
 @pytest.fixture(scope="module")
