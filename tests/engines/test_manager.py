@@ -35,11 +35,18 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_measured_footprint_replaces_the_estimate(tmp_path: Path, client: httpx.AsyncClient) -> None:
-    reg = load_registry(write_registry(tmp_path / "r.yaml", [standin_model("a"), standin_model("b")],
-                                       executable=standin_executable(tmp_path), budget_gib=2.5))
+    reg = load_registry(
+        write_registry(
+            tmp_path / "r.yaml",
+            [standin_model("a"), standin_model("b")],
+            executable=standin_executable(tmp_path),
+            budget_gib=2.5,
+        )
+    )
     ref: list[EngineManager] = []
-    manager = EngineManager(reg, client=client, run_dir=tmp_path / "run",
-                            gpu_probe=FakeProbe(ref, per_engine=2 * 1024**3))
+    manager = EngineManager(
+        reg, client=client, run_dir=tmp_path / "run", gpu_probe=FakeProbe(ref, per_engine=2 * 1024**3)
+    )
     ref.append(manager)
     await manager.start()
     try:
@@ -56,8 +63,13 @@ async def test_measured_footprint_replaces_the_estimate(tmp_path: Path, client: 
 
 
 async def test_concurrent_requests_join_one_start_and_keep_order(tmp_path: Path, client: httpx.AsyncClient) -> None:
-    reg = load_registry(write_registry(tmp_path / "r.yaml", [standin_model("a", env={"STANDIN_START_DELAY": "0.5"})],
-                                       executable=standin_executable(tmp_path)))
+    reg = load_registry(
+        write_registry(
+            tmp_path / "r.yaml",
+            [standin_model("a", env={"STANDIN_START_DELAY": "0.5"})],
+            executable=standin_executable(tmp_path),
+        )
+    )
     manager = EngineManager(reg, client=client, run_dir=tmp_path / "run")
     await manager.start()
     try:
@@ -78,8 +90,14 @@ async def test_pinned_model_loads_at_start_and_check_warns_about_what_it_shuts_o
 ) -> None:
     from engines.planner import check_plan
 
-    reg = load_registry(write_registry(tmp_path / "r.yaml", [standin_model("p", pinned=True), standin_model("q")],
-                                       executable=standin_executable(tmp_path), budget_gib=1.5))
+    reg = load_registry(
+        write_registry(
+            tmp_path / "r.yaml",
+            [standin_model("p", pinned=True), standin_model("q")],
+            executable=standin_executable(tmp_path),
+            budget_gib=1.5,
+        )
+    )
     problems, warnings = check_plan(reg, EngineManager(reg, client=client, run_dir=tmp_path / "x").plan)
     assert problems == []
     assert any("pinned models hold" in w and "q can never be loaded" in w for w in warnings)
@@ -100,8 +118,13 @@ async def test_on_a_gpu_eviction_sleeps_and_the_swap_back_is_a_wake(tmp_path: Pa
     else level 2) and coming back is a wake, not a cold start."""
     import yaml
 
-    path = write_registry(tmp_path / "r.yaml", [standin_model("a", gib=2.0), standin_model("b", gib=2.0)],
-                          executable=standin_executable(tmp_path), budget_gib=3.0, platform="cuda")
+    path = write_registry(
+        tmp_path / "r.yaml",
+        [standin_model("a", gib=2.0), standin_model("b", gib=2.0)],
+        executable=standin_executable(tmp_path),
+        budget_gib=3.0,
+        platform="cuda",
+    )
     data = yaml.safe_load(path.read_text())
     data["gpu"]["host_ram_for_sleep_gib"] = 0.0  # no room to keep weights in host RAM: level 2
     path.write_text(yaml.safe_dump(data))
