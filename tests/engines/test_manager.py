@@ -135,7 +135,7 @@ async def test_on_a_gpu_eviction_sleeps_and_the_swap_back_is_a_wake(tmp_path: Pa
         await manager.load("a")
         await manager.load("b")
         assert a.state is EngineState.SLEEPING and a.sleep_level == 2 and b.state is EngineState.READY
-        stats = httpx.get(f"{a.base_url}/standin/stats").json()
+        stats = (await client.get(f"{a.base_url}/standin/stats")).json()
         assert stats["sleeping"] and stats["sleep_level"] == 2  # the engine itself was put to sleep
         await manager.load("a")
         assert a.state is EngineState.READY and b.state is EngineState.SLEEPING
