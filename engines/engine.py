@@ -160,7 +160,8 @@ class Engine:
         now = time.monotonic()
         return [t for t in self.failures if now - t <= self.policy.loop_window_s]
 
-    def _check_backoff(self) -> None:
+    def check_backoff(self) -> None:
+        """Raise :class:`CrashLoop` while a failed engine must not be started again yet."""
         recent = self._recent_failures()
         if not recent:
             return
@@ -191,7 +192,7 @@ class Engine:
             if state is EngineState.READY:
                 return
             if self._start_task is not None and not self._start_task.done():
-                await asyncio.shield(self._start_task)
+                await self._join_start()
                 continue
             if state is EngineState.SLEEPING:
                 await self.wake()
@@ -200,11 +201,23 @@ class Engine:
                 await asyncio.sleep(0.05)
                 continue
             if state in (EngineState.STOPPED, EngineState.FAILED):
-                self._check_backoff()
+                self.check_backoff()
                 self._start_task = asyncio.create_task(self._start(), name=f"start-{self.name}")
-                await asyncio.shield(self._start_task)
+                await self._join_start()
                 continue
             await asyncio.sleep(0.05)
+
+    async def _join_start(self) -> None:
+        """Await the start in progress; a start cancelled by ``stop()`` is an error for its joiners."""
+        assert self._start_task is not None
+        try:
+            await asyncio.shield(self._start_task)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we ourselves were cancelled
+            raise EngineStartError(f"model {self.name}: its start was cancelled (the engine was stopped)",
+                                   model=self.name) from None
 
     async def _start(self) -> None:
         self.sm.swap(self.state, EngineState.STARTING)
@@ -239,6 +252,10 @@ class Engine:
         self.ready_since = time.monotonic()
         self.last_used = time.monotonic()
         self.sm.swap(EngineState.STARTING, EngineState.READY)
+        assert self.process is not None
+        self._watch_task = asyncio.create_task(self._watch(self.process), name=f"watch-{self.name}")
+        if self.process.returncode is not None:  # it died as it became ready: the watch reports it
+            await asyncio.sleep(0)
         log.info("engine %s ready in %.1f s on port %s", self.name, elapsed, self.port)
 
     async def _launch_and_wait(self) -> None:
@@ -286,7 +303,6 @@ class Engine:
             raise EngineStartError(
                 f"model {self.name} failed to start: {e}{why}", model=self.name, log_tail=tail
             ) from e
-        self._watch_task = asyncio.create_task(self._watch(proc), name=f"watch-{self.name}")
 
     def _fail(self, err: EngineError) -> None:
         self.failures.append(time.monotonic())
@@ -296,7 +312,7 @@ class Engine:
 
     async def _watch(self, proc: EngineProcess) -> None:
         rc = await proc.wait()
-        if self.process is not proc or self.state in (EngineState.STOPPING, EngineState.STOPPED):
+        if self.process is not proc or self.state in (EngineState.STOPPING, EngineState.STOPPED, EngineState.FAILED):
             return
         tail = proc.last_lines(30)
         err = EngineCrashed(
@@ -353,6 +369,8 @@ class Engine:
                 return
             await self.drained(self.policy.drain_timeout_s)
             await self.api.sleep(level)
+            if self.state is not EngineState.READY:  # it crashed meanwhile; the watch has said so
+                return
             self.sleep_level = level
             self.sm.swap(EngineState.READY, EngineState.SLEEPING)
 
@@ -384,7 +402,11 @@ class Engine:
         async with self._lora_lock:
             if name in self.adapters:
                 return
-            status, body = await self.api.load_lora(name, path)
+            try:
+                status, body = await self.api.load_lora(name, path)
+            except httpx.HTTPError as e:
+                raise EngineError(f"model {self.name}: loading adapter {name!r} failed: the engine did not "
+                                  f"answer ({type(e).__name__})", model=self.name) from e
             if status == 200 or (status == 400 and "already" in body.lower()):
                 self.adapters.add(name)
                 return

@@ -112,7 +112,7 @@ class StateFile:
 
 
 def owned_processes(rec: EngineRecord) -> list[psutil.Process]:
-    """Processes that provably belong to this record: same group or descendant, and carrying its id."""
+    """Processes that provably belong to this record: its pid or process group, and carrying its id."""
     found: list[psutil.Process] = []
     for p in psutil.process_iter(["pid"]):
         try:
@@ -140,7 +140,9 @@ def _terminate(procs: list[psutil.Process], grace_s: float) -> list[int]:
 
 
 def _remove_tree(path: Path) -> None:
+    """Remove an engine's temp dir, and only that: a folder named ``onecard-*`` in the temp dir."""
     import shutil
+    import tempfile
 
-    if path.name and path.exists():
+    if path.name.startswith("onecard-") and path.parent == Path(tempfile.gettempdir()) and path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

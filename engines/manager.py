@@ -64,6 +64,7 @@ class ManagerEvents:
     def queue_changed(self, model: str, depth: int) -> None: ...
     def queue_waited(self, model: str, seconds: float) -> None: ...
     def lease_changed(self, active: bool, gib: float) -> None: ...
+    def restarted(self, model: str) -> None: ...
 
 
 @dataclass
@@ -140,6 +141,7 @@ class EngineManager:
         self._owner: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._preload: list[asyncio.Task[None]] = []
+        self._evicting: set[str] = set()
         self._swap_lock = asyncio.Lock()
         self.lease: Lease | None = None
         self._lease_freed = asyncio.Event()
@@ -247,7 +249,12 @@ class EngineManager:
     def try_acquire(self, model: str) -> Engine | None:
         """The fast path: a resident, admitting engine with nobody queued ahead."""
         engine = self.engines[model]
-        if engine.state is EngineState.READY and model not in self.draining and not self.queues[model]:
+        if (
+            engine.state is EngineState.READY
+            and model not in self.draining
+            and model not in self._evicting
+            and not self.queues[model]
+        ):
             engine.acquire()
             return engine
         return None
@@ -286,7 +293,7 @@ class EngineManager:
                 q.remove(waiter)
                 self.events.queue_changed(model, len(q))
             elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.engines[model].release()  # admitted as we were cancelled
+                self.release(self.engines[model])  # admitted as we were cancelled
             raise
         self.events.queue_waited(model, time.monotonic() - waiter.since)
         return self.engines[model]
@@ -323,7 +330,7 @@ class EngineManager:
         if not self.launch.sleep_supported:
             log.info("sleep on %s: the platform has no sleep mode that frees memory; the engine keeps its "
                      "memory", model)
-        await engine.sleep(level)
+        await self._sleep(engine, level)
 
     def fits(self, names: frozenset[str]) -> bool:
         if not names:
@@ -366,6 +373,8 @@ class EngineManager:
                 raise LeaseError("timed out waiting for the active lease to end")
         lease = Lease.new(gib=want, holder_pid=holder_pid, label=label)
         async with self._swap_lock:
+            if self.lease is not None:  # another lease was granted while this one waited for the lock
+                raise LeaseError(f"lease {self.lease.lease_id} was granted first; retry after it ends")
             self.reserved_gib = want
             victims = victims_for_room(self.views(), self.fits)
             if victims is None:  # cannot happen after the pinned check, but never leave a half-granted lease
@@ -433,7 +442,10 @@ class EngineManager:
             try:
                 await self.step()
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the manager is closing
+                log.exception("engine owner: a step was cancelled from inside; carrying on")
             except Exception:
                 log.exception("engine owner: step failed")
             await wait_event(self._kick, self._tick_s)
@@ -490,9 +502,18 @@ class EngineManager:
                 self.registry.gpu.host_ram_for_sleep_gib
             ):
                 level = 2
-            await engine.sleep(level)
+            await self._sleep(engine, level)
         else:
             await engine.stop()
+
+    async def _sleep(self, engine: Engine, level: int) -> None:
+        """Put an engine to sleep with no request slipping in meanwhile (the fast path is closed)."""
+        self._evicting.add(engine.name)
+        try:
+            await engine.sleep(level)
+        finally:
+            self._evicting.discard(engine.name)
+            self._kick.set()
 
     def _sleeping_weights_gib(self) -> float:
         return sum(e.plan.weights_gib for e in self.engines.values()
@@ -509,7 +530,9 @@ class EngineManager:
             engine.expected_wake_s() if kind == "wake" else engine.expected_start_s(),
         )
         t0 = time.monotonic()
+        restart = engine.state is EngineState.FAILED
         try:
+            engine.check_backoff()  # before evicting anyone for a model that may not start yet
             for v in victims:
                 await self._evict(v)
             await engine.ensure_ready()
@@ -526,6 +549,8 @@ class EngineManager:
             self._fail_waiters(name, err)
             return
         seconds = time.monotonic() - t0
+        if restart:
+            self.events.restarted(name)
         await self._measure(engine)
         self.swaps.append(SwapRecord(time.time(), name, kind, victims, seconds, reason))
         del self.swaps[:-1000]

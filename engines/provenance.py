@@ -83,4 +83,5 @@ def header_value(record: dict[str, Any]) -> str:
         f"revision={record.get('revision') or 'unpinned'}",
         f"flags_sha256={hashlib.sha256(flags.encode()).hexdigest()[:16]}",
     ]
-    return "; ".join(parts)
+    # Header values must be Latin-1; escape anything else (a non-ASCII local path) rather than fail.
+    return "; ".join(parts).encode("ascii", "backslashreplace").decode("ascii")

@@ -3,7 +3,7 @@
 :func:`decide` never logs, sleeps or touches a process; the manager's one owner task calls it and
 carries the decision out. That keeps every swap decision testable and replaceable::
 
-    d = decide(views, fits=plan_fits, now=time.monotonic(), max_wait_s=60)
+    d = decide(views, fits=plan_fits, max_wait_s=60)   # views carry the waits, measured by the caller
     d.admit      # models whose waiting requests may go through now
     d.drain      # resident models that stop taking new requests because a swap is due
     d.load       # the model to make resident next (once the victims are idle)

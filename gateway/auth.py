@@ -2,12 +2,14 @@
 
 - ``/health`` is always open; ``/metrics`` is open unless ``metrics_public`` is off.
 - ``/admin/...`` needs an admin key; every other route needs an API key or an admin key.
+- With no keys at all, everything is open, except that admin routes answer only loopback clients.
 - Keys are compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -31,6 +33,16 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
+def _loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _matches(key: str | None, keys: frozenset[str]) -> bool:
     if key is None:
         return False
@@ -46,10 +58,16 @@ class KeyAuth:
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.settings.auth_enabled:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = self.check(scope["path"], _bearer(scope))
+        if not self.settings.auth_enabled:
+            error: APIError | None = None
+            if scope["path"].startswith("/admin") and not _loopback(scope):
+                error = Forbidden("admin routes answer only on this machine while no admin key is configured; "
+                                  "set ONECARD_ADMIN_KEYS to use them from elsewhere")
+        else:
+            error = self.check(scope["path"], _bearer(scope))
         if error is not None:
             resp = error_response(error)
             if isinstance(error, Unauthorized):

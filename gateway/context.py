@@ -18,6 +18,7 @@ from engines.manager import EngineManager, ManagerEvents
 from engines.provenance import engine_record, header_value
 from engines.registry import Registry, Target
 from engines.state import EngineState
+from gateway.errors import Overloaded
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings
@@ -26,17 +27,26 @@ from gateway.settings import Settings
 class Admission:
     """A concurrency limit that can be lowered and raised at run time (the thermal guard uses it)."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, *, max_wait_s: float = 30.0) -> None:
         self.limit = limit
         self.active = 0
+        self.max_wait_s = max_wait_s
         self._cond = asyncio.Condition()
 
     async def acquire(self) -> None:
+        """Take a slot, waiting at most ``max_wait_s`` under a limit; then 429 with Retry-After."""
         if self.limit is None:
             self.active += 1
             return
         async with self._cond:
-            await self._cond.wait_for(lambda: self.limit is None or self.active < self.limit)
+            try:
+                async with asyncio.timeout(self.max_wait_s):
+                    await self._cond.wait_for(lambda: self.limit is None or self.active < self.limit)
+            except TimeoutError:
+                raise Overloaded(
+                    f"the GPU is hot and admitted concurrency is lowered to {self.limit}; retry shortly",
+                    retry_after=10,
+                ) from None
             self.active += 1
 
     def release(self) -> None:
@@ -76,6 +86,9 @@ class MetricsEvents(ManagerEvents):
 
     def lease_changed(self, active: bool, gib: float) -> None:
         self.metrics.set_lease(active, gib)
+
+    def restarted(self, model: str) -> None:
+        self.metrics.observe_restart(model)
 
 
 @dataclass

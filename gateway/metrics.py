@@ -3,7 +3,7 @@
 One :class:`Metrics` per app (made in ``lifespan``, passed down; no globals). It owns its own
 ``CollectorRegistry``; ``/metrics`` returns :meth:`Metrics.render`::
 
-    metrics = Metrics(gpu_probe=NvmlProbe.open(), pid_to_model=manager.model_for_pid)
+    metrics = Metrics(gpu_probe=NvmlProbe.open(), pid_to_model=lambda pid: None)   # pid -> model name
     metrics.observe_request("llama-8b", 200, 0.84)
     body, content_type = metrics.render()
 
@@ -352,7 +352,7 @@ class GpuCollector(Collector):
     ``pid_to_model`` names the model whose engine owns a GPU process (``None``: not ours); their
     memory is summed per model, the rest under :data:`OTHER_PROCESS`::
 
-        registry.register(GpuCollector(NvmlProbe.open(), manager.model_for_pid))
+        registry.register(GpuCollector(NvmlProbe.open(), lambda pid: None))
     """
 
     def __init__(self, probe: GpuProbe, pid_to_model: Callable[[int], str | None] | None = None) -> None:

@@ -172,6 +172,8 @@ class Proxy:
                 yield sse_error_event(await self._engine_error(engine, failure))
         finally:
             self._account_stream(call, 200 if failure is None else 502, stats)
+            if failure is not None:
+                self.metrics.observe_error(call.model, "engine_failed")
 
     def _events(self, buf: bytes, call: Call, stats: StreamStats) -> tuple[bytes, bytes]:
         """Split complete SSE events off ``buf``; read (and maybe hide) the usage event."""
@@ -241,4 +243,5 @@ class Proxy:
     async def _fail(self, call: Call, engine: Engine, e: Exception) -> Response:
         err = await self._engine_error(engine, e)
         self.metrics.observe_request(call.model, "502", time.perf_counter() - call.started)
+        self.metrics.observe_error(call.model, "engine_failed")
         return error_response(err)

@@ -24,7 +24,7 @@ from engines.errors import OnecardError
 from engines.manager import Waiter
 from engines.registry import Target
 from gateway.context import Gateway
-from gateway.errors import BadRequest, PayloadTooLarge, UnknownModel, error_response, sse_error_event
+from gateway.errors import BadRequest, PayloadTooLarge, UnknownModel, classify, error_response, sse_error_event
 from gateway.proxy import SSE_HEADERS, Call
 
 router = APIRouter()
@@ -138,6 +138,7 @@ async def handle(request: Request, path: str, *, usage: bool = True) -> Response
     except OnecardError as e:
         resp = error_response(e, plan=gw.manager.plan)
         gw.metrics.observe_request(model_label, str(resp.status_code), time.perf_counter() - started)
+        gw.metrics.observe_error(model_label, classify(e)[2] or "error")
         return resp
     except ClientDisconnect:  # the client left while sending its body: nobody to answer
         gw.metrics.observe_request(model_label, "499", time.perf_counter() - started)

@@ -144,3 +144,28 @@ async def test_on_a_gpu_eviction_sleeps_and_the_swap_back_is_a_wake(tmp_path: Pa
         assert "--enable-sleep-mode" in (a.process.argv if a.process else [])
     finally:
         await manager.close()
+
+
+async def test_unloading_a_model_while_it_starts_fails_its_waiters_and_the_owner_lives_on(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
+    from engines.errors import EngineStartError
+
+    models = [standin_model("a", env={"STANDIN_START_DELAY": "2"}), standin_model("b")]
+    reg = load_registry(write_registry(tmp_path / "r.yaml", models, executable=standin_executable(tmp_path)))
+    manager = EngineManager(reg, client=client, run_dir=tmp_path / "run")
+    await manager.start()
+    try:
+        waiting = asyncio.create_task(manager.acquire("a"))
+        for _ in range(100):
+            if manager.engines["a"].state is EngineState.STARTING:
+                break
+            await asyncio.sleep(0.02)
+        await manager.unload("a")
+        with pytest.raises(EngineStartError, match="start was cancelled"):
+            await asyncio.wait_for(waiting, timeout=10)
+        engine = await asyncio.wait_for(manager.acquire("b"), timeout=10)  # the owner still decides
+        manager.release(engine)
+        assert manager._owner is not None and not manager._owner.done()
+    finally:
+        await manager.close()

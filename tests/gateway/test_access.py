@@ -210,3 +210,38 @@ def test_cors_for_a_configured_origin_only(tmp_path: Path) -> None:
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
         r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://other.example", **bearer(API_KEY)})
         assert "access-control-allow-origin" not in r.headers
+
+
+async def test_admin_routes_answer_only_loopback_when_no_key_is_configured(tmp_path: Path) -> None:
+    from gateway.auth import KeyAuth
+    from gateway.settings import Settings
+
+    async def app(scope: object, receive: object, send: object) -> None:  # the routes behind the middleware
+        from starlette.responses import PlainTextResponse
+
+        await PlainTextResponse("reached")(scope, receive, send)  # type: ignore[arg-type]
+
+    guarded = KeyAuth(app, Settings(registry_path=tmp_path / "r.yaml"))
+    for client, status in ((("10.1.2.3", 5000), 403), (("127.0.0.1", 5000), 200), (("::1", 5000), 200)):
+        transport = httpx.ASGITransport(app=guarded, client=client)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            r = await c.get("/admin/engines")
+            assert r.status_code == status, (client, r.text)
+            if status == 403:
+                assert "only on this machine" in r.json()["error"]["message"]
+            else:
+                assert r.text == "reached"
+            assert (await c.get("/v1/models")).status_code == 200  # the API stays open without keys
+
+
+async def test_thermal_admission_waits_boundedly_then_429() -> None:
+    from gateway.context import Admission
+    from gateway.errors import Overloaded
+
+    adm = Admission(limit=1, max_wait_s=0.1)
+    await adm.acquire()
+    with pytest.raises(Overloaded) as info:
+        await adm.acquire()
+    assert info.value.status == 429 and info.value.retry_after > 0
+    adm.release()
+    await adm.acquire()  # free again
