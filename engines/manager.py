@@ -429,7 +429,12 @@ class EngineManager:
                     oldest_wait_s=(now - q[0].since) if q else 0.0,
                     pinned=e.spec.pinned,
                     occupies_memory=occupies,
-                    return_cost_s=e.expected_start_s(),
+                    # what bringing it back would cost: a wake where eviction is a sleep, else a cold start
+                    return_cost_s=(
+                        e.expected_wake_s()
+                        if self.launch.sleep_supported and e.spec.sleep_level > 0
+                        else e.expected_start_s()
+                    ),
                     idle_s=(now - e.last_used) if e.in_flight == 0 else 0.0,
                     draining=name in self.draining,
                 )
