@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.registry import NAME_PATTERN, ModelSpec, Registry
+from engines.registry import NAME_PATTERN, ModelSpec, Registry, is_local
 
 _NAME = re.compile(NAME_PATTERN)
 
@@ -34,7 +34,7 @@ def _base_matches(declared: str, model: ModelSpec, registry: Registry) -> bool:
     if not declared:
         return False
     candidates = {model.source, model.name, model.source.rstrip("/").rsplit("/", 1)[-1]}
-    if model.source.startswith(("/", "./", "../", "~")):
+    if is_local(model.source):
         candidates.add(str(registry.resolve_path(model.source).resolve()))
     declared_path = Path(declared).expanduser()
     if declared_path.is_absolute():

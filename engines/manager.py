@@ -32,7 +32,7 @@ from engines.gpu import GpuProbe
 from engines.leases import Lease
 from engines.leftovers import StateFile
 from engines.planner import Plan, Verdict, plan_registry
-from engines.registry import Platform, Registry, Target
+from engines.registry import Registry, Target
 from engines.scheduler import POLICIES, EngineView, idle_expired, victims_for_room
 from engines.state import EngineState, wait_event
 from engines.vllm import LaunchConfig
@@ -209,8 +209,7 @@ class EngineManager:
         found = self.discovered.get(target.adapter)
         if found is not None and target.adapter not in target.model.lora.adapters:
             return str(found.path)
-        path = target.model.lora.adapters[target.adapter].path
-        return str(self.registry.resolve_path(path)) if path.startswith(("/", "./", "../", "~")) else path
+        return self.registry.locate(target.model.lora.adapters[target.adapter].path)
 
     # --- adapter discovery --------------------------------------------------------------------------
 
@@ -614,9 +613,5 @@ class EngineManager:
                 }
             )
         return rows
-
-    @property
-    def sleep_frees_memory(self) -> bool:
-        return self.platform is Platform.CUDA
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.engine import Engine
-from engines.registry import ModelSpec, Registry
+from engines.registry import ModelSpec, Registry, is_local
 
 #: Files whose hashes identify a local checkpoint without reading gigabytes of weights.
 FINGERPRINT_FILES = ("config.json", "model.safetensors.index.json", "adapter_config.json", "tokenizer_config.json")
@@ -32,7 +32,7 @@ def _sha(path: Path) -> str:
 def source_record(registry: Registry, spec: ModelSpec) -> dict[str, Any]:
     """Where the weights come from, pinned as far as the registry and the disk allow."""
     record: dict[str, Any] = {"source": spec.source, "revision": spec.revision}
-    if not spec.source.startswith(("/", "./", "../", "~")):
+    if not is_local(spec.source):
         return record
     folder = registry.resolve_path(spec.source)
     files: dict[str, str] = {}

@@ -28,6 +28,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -234,7 +235,11 @@ class Registry:
         raise KeyError(name)
 
     def names(self) -> dict[str, Target]:
-        """Every name a client may use: models, aliases and adapters."""
+        """Every name a client may use: models, aliases and adapters (built once; the registry is frozen)."""
+        return self._names
+
+    @cached_property
+    def _names(self) -> dict[str, Target]:
         out: dict[str, Target] = {}
         for m in self.models:
             out[m.name] = Target(m)
@@ -253,6 +258,10 @@ class Registry:
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
+
+    def locate(self, source: str) -> str:
+        """A local path (``/``, ``./``, ``../``, ``~``) resolved against the registry's folder; a hub id as is."""
+        return str(self.resolve_path(source)) if is_local(source) else source
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -630,7 +639,7 @@ def _check_semantics(path: Path, reg: RegistryFile) -> tuple[list[str], list[str
             f"{path}: top level: field 'gpu.headroom_gib' ({reg.gpu.headroom_gib}) leaves no room in "
             f"'gpu.budget_gib' ({reg.gpu.budget_gib}); lower the headroom or raise the budget"
         )
-    if _is_local(reg.vllm.executable) and not _local(path, reg.vllm.executable).exists():
+    if is_local(reg.vllm.executable) and not _local(path, reg.vllm.executable).exists():
         warnings.append(
             f"{path}: top level: field 'vllm.executable': {reg.vllm.executable!r} does not exist here; "
             "engines cannot start on this machine until it does (point it at your vLLM venv's bin/vllm)"
@@ -666,12 +675,12 @@ def _check_model(path: Path, m: ModelSpec, warnings: list[str]) -> list[str]:
                 f"{where}: field 'lora.adapters.{ad_name}.rank': rank {adapter.rank} is above the base's "
                 f"'lora.max_rank' ({m.lora.max_rank}); raise lora.max_rank to at least {adapter.rank}"
             )
-        if _is_local(adapter.path) and not _local(path, adapter.path).exists():
+        if is_local(adapter.path) and not _local(path, adapter.path).exists():
             problems.append(
                 f"{where}: field 'lora.adapters.{ad_name}.path': {adapter.path!r} does not exist; "
                 "fix the path (relative paths start from the registry's folder) or remove the adapter"
             )
-    if _is_local(m.source) and not _local(path, m.source).exists():
+    if is_local(m.source) and not _local(path, m.source).exists():
         problems.append(
             f"{where}: field 'source': local path {m.source!r} does not exist; "
             "fix the path or use a hub id like 'org/model'"
@@ -715,7 +724,8 @@ def _owner_words(owner: str) -> str:
     return owner if owner.startswith("the ") else f"the field '{owner}'"
 
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
+    """Whether a source or adapter path names a local folder rather than a hub id."""
     return source.startswith(("/", "./", "../", "~"))
 
 
@@ -725,7 +735,7 @@ def _local(registry_path: Path, source: str) -> Path:
 
 
 def _arch_from_local(registry_path: Path, source: str) -> Architecture | None:
-    if not _is_local(source):
+    if not is_local(source):
         return None
     return architecture_from_config(_local(registry_path, source) / "config.json")
 

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 from engines.state import EngineState
 
-RESIDENT_STATES = frozenset({EngineState.READY, EngineState.STARTING})
-
 
 @dataclass(frozen=True)
 class EngineView:
@@ -43,10 +41,6 @@ class EngineView:
     idle_s: float = 0.0
     draining: bool = False
 
-    @property
-    def resident(self) -> bool:
-        return self.state in RESIDENT_STATES
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -56,10 +50,6 @@ class Decision:
     evict: tuple[str, ...] = ()
     reason: str = ""
     blocked: str | None = None  # a waiting model that can never be made resident, with why in reason
-
-    @property
-    def ready_to_swap(self) -> bool:
-        return self.load is not None
 
 
 Fits = Callable[[frozenset[str]], bool]

@@ -44,10 +44,7 @@ class LaunchConfig:
 
 def build_argv(cfg: LaunchConfig, *, model: ModelSpec, plan: ModelPlan, port: int) -> list[str]:
     """The ``vllm serve`` command line for one registry entry."""
-    source = model.source
-    local = cfg.registry.resolve_path(source)
-    if source.startswith(("/", "./", "../", "~")):
-        source = str(local)
+    source = cfg.registry.locate(model.source)
     argv = [cfg.executable, "serve", source, "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--served-model-name", model.name, "--max-model-len", str(model.max_model_len)]
     quant = model.effective_quantization
@@ -64,7 +61,7 @@ def build_argv(cfg: LaunchConfig, *, model: ModelSpec, plan: ModelPlan, port: in
     if model.lora.enabled:
         argv += ["--enable-lora", "--max-lora-rank", str(model.lora.max_rank), "--max-loras", str(model.lora.max_loras)]
         startup = [
-            f"{name}={_adapter_path(cfg, ad.path)}" for name, ad in model.lora.adapters.items() if ad.preload
+            f"{name}={cfg.registry.locate(ad.path)}" for name, ad in model.lora.adapters.items() if ad.preload
         ]
         if startup:
             argv += ["--lora-modules", *startup]
@@ -74,10 +71,6 @@ def build_argv(cfg: LaunchConfig, *, model: ModelSpec, plan: ModelPlan, port: in
         argv.append("--enforce-eager")
     argv += list(model.extra_args)
     return argv
-
-
-def _adapter_path(cfg: LaunchConfig, path: str) -> str:
-    return str(cfg.registry.resolve_path(path)) if path.startswith(("/", "./", "../", "~")) else path
 
 
 def build_env(cfg: LaunchConfig, *, model: ModelSpec, engine_id: str, tmpdir: Path) -> dict[str, str]:
