@@ -27,6 +27,7 @@ from enum import StrEnum
 from itertools import combinations
 from pathlib import Path
 
+from engines.quantization import quantization_findings
 from engines.registry import (
     Architecture,
     LoraSpec,
@@ -402,7 +403,8 @@ def check_plan(registry: Registry, plan: Plan) -> tuple[list[str], list[str]]:
     """Registry problems only the plan can see, as (problems, warnings) in the registry's message style.
 
     A model that can never fit and pinned models that cannot share the card are problems; an offload
-    the entry does not carry (the plan adds it anyway) is a warning.
+    the entry does not carry (the plan adds it anyway) is a warning. So are the ``--quantization``
+    findings of :func:`engines.quantization.quantization_findings`.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -425,6 +427,9 @@ def check_plan(registry: Registry, plan: Plan) -> tuple[list[str], list[str]]:
             )
         elif mp.verdict is Verdict.FITS and spec.cpu_offload_gib > 0:
             warnings.append(f"{where}: field 'cpu_offload_gib': ignored, the model fits without offload; remove it")
+    quant_problems, quant_warnings = quantization_findings(registry)
+    problems += quant_problems
+    warnings += quant_warnings
     pinned = [m.name for m in registry.models if m.pinned]
     if len(pinned) > 1 and not plan.can_coreside(set(pinned)):
         need = sum(plan.model(n).resident_gib for n in pinned)

@@ -35,6 +35,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engines.checkpoints import CheckpointQuantMethod
+
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -159,6 +161,7 @@ class ModelSpec(_Strict):
     sleep_level: Literal[0, 1, 2] = 1
     start_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     revision: str | None = None
+    checkpoint_quant_method: CheckpointQuantMethod | None = None
 
     @field_validator("quantization", mode="before")
     @classmethod

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from engines.planner import ModelPlan, vllm_memory_args
-from engines.registry import ModelSpec, Platform, Quantization, Registry
-
-#: vLLM on the CPU: bf16 picks an AMX kernel that dies with "Illegal instruction"; float32 works.
-CPU_DTYPE = "float32"
+from engines.engine_args import engine_args
+from engines.planner import ModelPlan
+from engines.registry import ModelSpec, Platform, Registry
 
 
 @dataclass(frozen=True)
@@ -43,34 +41,9 @@ class LaunchConfig:
 
 
 def build_argv(cfg: LaunchConfig, *, model: ModelSpec, plan: ModelPlan, port: int) -> list[str]:
-    """The ``vllm serve`` command line for one registry entry."""
-    source = cfg.registry.locate(model.source)
-    argv = [cfg.executable, "serve", source, "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--served-model-name", model.name, "--max-model-len", str(model.max_model_len)]
-    quant = model.effective_quantization
-    if quant is not Quantization.NONE:
-        argv += ["--quantization", quant.value]
-    dtype = CPU_DTYPE if cfg.platform is Platform.CPU and model.dtype in ("auto", "bfloat16") else model.dtype
-    argv += ["--dtype", dtype]
-    if model.kv_cache_dtype != "auto":
-        argv += ["--kv-cache-dtype", model.kv_cache_dtype]
-    if model.revision:
-        argv += ["--revision", model.revision]
-    argv += vllm_memory_args(plan, budget_gib=cfg.budget_gib, platform=cfg.platform)
-    argv.append("--enable-prefix-caching" if model.enable_prefix_caching else "--no-enable-prefix-caching")
-    if model.lora.enabled:
-        argv += ["--enable-lora", "--max-lora-rank", str(model.lora.max_rank), "--max-loras", str(model.lora.max_loras)]
-        startup = [
-            f"{name}={cfg.registry.locate(ad.path)}" for name, ad in model.lora.adapters.items() if ad.preload
-        ]
-        if startup:
-            argv += ["--lora-modules", *startup]
-    if cfg.sleep_supported and model.sleep_level > 0:
-        argv.append("--enable-sleep-mode")
-    if cfg.platform is Platform.CPU:
-        argv.append("--enforce-eager")
-    argv += list(model.extra_args)
-    return argv
+    """The ``vllm serve`` command line for one registry entry: :func:`engine_args` plus host and port."""
+    source, *flags = engine_args(cfg.registry, model, plan, platform=cfg.platform, budget_gib=cfg.budget_gib)
+    return [cfg.executable, "serve", source, "--host", "127.0.0.1", "--port", str(port), *flags]
 
 
 def build_env(cfg: LaunchConfig, *, model: ModelSpec, engine_id: str, tmpdir: Path) -> dict[str, str]:

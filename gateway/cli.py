@@ -3,7 +3,7 @@
 ::
 
     onecard check [REGISTRY]                          # validate; exit 1 listing every problem
-    onecard plan  [REGISTRY] [--budget-gib N] [--json]  # what fits on the card, and how
+    onecard plan  [REGISTRY] [--budget-gib N] [--json]  # what fits on the card, how, and the vLLM flags
     onecard serve [--registry R] [--host 127.0.0.1] [--port 8000]
     onecard demo  [--port 8000]                       # tiny CPU models, set up on first run
     onecard ps    [--url http://127.0.0.1:8000]       # the engines of a running gateway
@@ -152,6 +152,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from engines.engine_args import format_quantization, plan_report
     from engines.planner import format_plan, plan_registry
 
     registry = _load(_registry_path(args))
@@ -159,9 +160,11 @@ def _plan(args: argparse.Namespace) -> int:
         return 1
     plan = plan_registry(registry, budget_gib=args.budget_gib)
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=2))
+        print(json.dumps(plan_report(registry, plan), indent=2))
     else:
         print(format_plan(plan))
+        print()
+        print(format_quantization(registry, plan))
     return 0
 
 

@@ -1,0 +1,89 @@
+"""The one source of the vLLM flags an engine gets: the gateway launches them, ``onecard plan`` shows them.
+
+``engine_args`` is what follows ``vllm serve``: the model source, then every flag, without ``--host``
+and ``--port`` (the gateway adds ``--host 127.0.0.1 --port <a free port>`` right after the source when
+it launches the engine, in :func:`engines.vllm.build_argv`)::
+
+    args = engine_args(registry, spec, plan.model(spec.name), platform=plan.platform, budget_gib=plan.budget_gib)
+    # ['neuralmagic/Meta-Llama-3.1-8B-Instruct-FP8', '--served-model-name', 'llama-3.1-8b-fp8', ...]
+    report = plan_report(registry, plan)   # plan.as_dict() with per-model engine_args and quantization
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engines.planner import ModelPlan, Plan, vllm_memory_args
+from engines.quantization import QuantDecision, decide_for
+from engines.registry import ModelSpec, Platform, Registry
+
+#: vLLM on the CPU: bf16 picks an AMX kernel that dies with "Illegal instruction"; float32 works.
+CPU_DTYPE = "float32"
+
+
+def engine_args(
+    registry: Registry,
+    model: ModelSpec,
+    plan: ModelPlan,
+    *,
+    platform: Platform,
+    budget_gib: float,
+    quantization: QuantDecision | None = None,
+) -> list[str]:
+    """``vllm serve`` arguments for one registry entry, host and port left out.
+
+    ``quantization`` is the decision to apply (default: :func:`engines.quantization.decide_for`).
+    """
+    args = [registry.locate(model.source)]
+    args += ["--served-model-name", model.name, "--max-model-len", str(model.max_model_len)]
+    decision = quantization or decide_for(registry, model, platform=platform)
+    if decision.flag is not None:
+        args += ["--quantization", decision.flag]
+    dtype = CPU_DTYPE if platform is Platform.CPU and model.dtype in ("auto", "bfloat16") else model.dtype
+    args += ["--dtype", dtype]
+    if model.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", model.kv_cache_dtype]
+    if model.revision:
+        args += ["--revision", model.revision]
+    args += vllm_memory_args(plan, budget_gib=budget_gib, platform=platform)
+    args.append("--enable-prefix-caching" if model.enable_prefix_caching else "--no-enable-prefix-caching")
+    if model.lora.enabled:
+        args += ["--enable-lora", "--max-lora-rank", str(model.lora.max_rank), "--max-loras", str(model.lora.max_loras)]
+        startup = [f"{name}={registry.locate(ad.path)}" for name, ad in model.lora.adapters.items() if ad.preload]
+        if startup:
+            args += ["--lora-modules", *startup]
+    if platform is Platform.CUDA and model.sleep_level > 0:  # vLLM refuses sleep mode on the CPU
+        args.append("--enable-sleep-mode")
+    if platform is Platform.CPU:
+        args.append("--enforce-eager")
+    args += list(model.extra_args)
+    return args
+
+
+def plan_report(registry: Registry, plan: Plan) -> dict[str, Any]:
+    """``plan.as_dict()`` with, per model, ``engine_args`` and the ``quantization`` decision and reason."""
+    report = plan.as_dict()
+    models: list[dict[str, Any]] = []
+    for spec in registry.models:
+        decision = decide_for(registry, spec, platform=plan.platform)
+        args = engine_args(
+            registry,
+            spec,
+            plan.model(spec.name),
+            platform=plan.platform,
+            budget_gib=plan.budget_gib,
+            quantization=decision,
+        )
+        models.append({**plan.model(spec.name).as_dict(), "quantization": decision.as_dict(), "engine_args": args})
+    report["models"] = models
+    return report
+
+
+def format_quantization(registry: Registry, plan: Plan) -> str:
+    """The plan's quantization section: per model the flag passed (or none) and why."""
+    lines = ["Quantization (--quantization passed to vLLM):"]
+    width = max(len(m.name) for m in registry.models)
+    for spec in registry.models:
+        d = decide_for(registry, spec, platform=plan.platform)
+        lines.append(f"  {spec.name.ljust(width)}  {d.flag or '(none)':<12}  {d.reason}")
+    return "\n".join(lines)
