@@ -115,6 +115,51 @@ def test_human_plan_is_a_table_then_the_sets(capsys: pytest.CaptureFixture[str])
     assert lines[sets + 1].strip().startswith("llama-3.1-8b-fp8 + phi-3-mini-fp8")
 
 
+def test_plan_shows_the_quantization_decision_per_model(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(capsys, "plan", str(SHIPPED))
+    assert code == 0
+    lines = out.splitlines()
+    start = lines.index("Quantization (--quantization passed to vLLM):")
+    rows = {line.split()[0]: line.split(maxsplit=2) for line in lines[start + 1 : start + 9]}
+    assert set(rows) == {m["name"] for m in json.loads(_plan_json(capsys))["models"]}
+    assert rows["llama-3.1-70b-awq"][1] == "awq_marlin" and "override" in rows["llama-3.1-70b-awq"][2]
+    assert rows["llama-3.1-8b-fp8"][1] == "(none)" and "compressed-tensors" in rows["llama-3.1-8b-fp8"][2]
+
+
+def _plan_json(capsys: pytest.CaptureFixture[str]) -> str:
+    code, out, _ = run_main(capsys, "plan", str(SHIPPED), "--json")
+    assert code == 0
+    return out
+
+
+def test_plan_json_gives_engine_args_and_the_quantization_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    models = {m["name"]: m for m in json.loads(_plan_json(capsys))["models"]}
+    for m in models.values():
+        args = m["engine_args"]
+        assert "/" in args[0] and not args[0].startswith("-")  # the hub id comes first, as after `vllm serve`
+        assert "--host" not in args and "--port" not in args
+        assert args[args.index("--served-model-name") + 1] == m["name"]
+        assert "--kv-cache-memory-bytes" in args or "--gpu-memory-utilization" in args
+        assert m["quantization"]["reason"]
+    judge = models["llama-3.1-70b-awq"]
+    assert judge["quantization"] == {
+        "flag": "awq_marlin",
+        "reason": judge["quantization"]["reason"],
+        "checkpoint_quant_method": "awq",
+        "checkpoint_known_from": "registry",
+    }
+    args = judge["engine_args"]
+    assert args[0] == "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"
+    assert args[args.index("--quantization") + 1] == "awq_marlin"
+    assert args[args.index("--cpu-offload-gb") + 1] == "17"
+    assert "--enable-sleep-mode" in args
+    candidate = models["llama-3.1-8b-fp8"]
+    assert candidate["quantization"]["flag"] is None
+    assert "--quantization" not in candidate["engine_args"]
+    assert candidate["engine_args"][-2:] == ["--seed", "0"]  # extra_args come last
+    assert {"--enable-lora", "--max-lora-rank", "--max-loras"} <= set(candidate["engine_args"])
+
+
 def test_plan_budget_override(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_main(capsys, "plan", str(SHIPPED), "--budget-gib", "48", "--json")
     assert code == 0

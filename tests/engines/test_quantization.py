@@ -6,11 +6,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from engines.planner import plan_registry
-from engines.registry import load_registry
+from engines.checkpoints import CheckpointRead, read_quant_method
+from engines.engine_args import plan_report
+from engines.planner import check_plan, check_registry, plan_registry
+from engines.quantization import (
+    FROM_CONFIG,
+    FROM_REGISTRY,
+    UNKNOWN,
+    CheckpointInfo,
+    decide,
+    decide_for,
+    quantization_findings,
+)
+from engines.registry import Platform, Quantization, RegistryError, load_registry
 from engines.vllm import LaunchConfig, build_argv
+
+SHIPPED = Path(__file__).resolve().parents[2] / "model_registry.yaml"
 
 #: A Llama-shaped config.json small enough to plan, as a published checkpoint would carry it.
 TINY_CONFIG: dict[str, Any] = {
@@ -92,3 +106,189 @@ def test_fp8_flag_for_online_quantization_of_an_unquantized_checkpoint(tmp_path:
         tmp_path, [{"name": "bf16", "source": "./llama-bf16", "quantization": "fp8", "max_model_len": 1024}]
     )
     assert flag_value(argv_for(reg, "bf16"), "--quantization") == "fp8"
+
+
+# --- the decision, pure ------------------------------------------------------------------------------------
+
+
+def ckpt(method: str | None, known_from: str = FROM_CONFIG) -> CheckpointInfo:
+    return CheckpointInfo(method, known_from)
+
+
+@pytest.mark.parametrize(
+    ("requested", "checkpoint", "platform", "flag"),
+    [
+        # an override vLLM registers for the checkpoint's method (AutoAWQConfig / AutoGPTQConfig)
+        (Quantization.AWQ_MARLIN, ckpt("awq"), Platform.CUDA, "awq_marlin"),
+        (Quantization.AWQ, ckpt("awq"), Platform.CUDA, "awq_marlin"),
+        (Quantization.GPTQ_MARLIN, ckpt("gptq"), Platform.CUDA, "gptq_marlin"),
+        (Quantization.GPTQ_MARLIN, ckpt("gptq"), Platform.CPU, "gptq_marlin"),
+        # AutoAWQConfig.override_quantization_method returns None on the CPU: awq_marlin would be refused
+        (Quantization.AWQ_MARLIN, ckpt("awq"), Platform.CPU, None),
+        # online quantization of an unquantized checkpoint
+        (Quantization.FP8, ckpt(None), Platform.CUDA, "fp8"),
+        (Quantization.FP8, ckpt(None, FROM_REGISTRY), Platform.CUDA, "fp8"),
+        # already quantized: vLLM reads the method itself; fp8 on compressed-tensors would be refused
+        (Quantization.FP8, ckpt("fp8"), Platform.CUDA, None),
+        (Quantization.FP8, ckpt("compressed-tensors"), Platform.CUDA, None),
+        (Quantization.AWQ_MARLIN, ckpt("compressed-tensors"), Platform.CUDA, None),
+        (Quantization.NONE, ckpt("awq"), Platform.CUDA, None),
+        (Quantization.NONE, ckpt(None), Platform.CUDA, None),
+        # what vLLM cannot do: no flag (and a registry problem, below)
+        (Quantization.AWQ_MARLIN, ckpt(None), Platform.CUDA, None),
+        (Quantization.BITSANDBYTES, ckpt(None), Platform.CUDA, None),
+        (Quantization.FP8, ckpt("awq"), Platform.CUDA, None),
+        # nothing known offline: passed as written (and `onecard check` warns)
+        (Quantization.FP8, ckpt(None, UNKNOWN), Platform.CUDA, "fp8"),
+    ],
+)
+def test_decision_table(
+    requested: Quantization, checkpoint: CheckpointInfo, platform: Platform, flag: str | None
+) -> None:
+    effective = {Quantization.AWQ: Quantization.AWQ_MARLIN, Quantization.GPTQ: Quantization.GPTQ_MARLIN}
+    d = decide(effective.get(requested, requested), checkpoint, platform=platform)
+    assert d.flag == flag
+    assert d.reason
+
+
+def test_problems_where_vllm_cannot_run_the_planned_format() -> None:
+    assert decide(Quantization.AWQ_MARLIN, ckpt(None), platform=Platform.CUDA).problem
+    assert decide(Quantization.BITSANDBYTES, ckpt(None), platform=Platform.CUDA).problem
+    assert decide(Quantization.FP8, ckpt("awq"), platform=Platform.CUDA).problem
+    for fine in (
+        decide(Quantization.FP8, ckpt("compressed-tensors"), platform=Platform.CUDA),
+        decide(Quantization.AWQ_MARLIN, ckpt("awq"), platform=Platform.CPU),
+        decide(Quantization.FP8, ckpt(None), platform=Platform.CUDA),
+    ):
+        assert fine.problem is None and fine.warning is None
+    assert decide(Quantization.FP8, ckpt(None, UNKNOWN), platform=Platform.CUDA).warning
+    assert decide(Quantization.NONE, ckpt("fp8"), platform=Platform.CUDA).warning
+
+
+def test_config_json_is_read_as_vllm_reads_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({**TINY_CONFIG, "quantization_config": {"quant_method": "Compressed_Tensors"}}))
+    assert read_quant_method(cfg) == CheckpointRead("compressed-tensors", found=True)
+    cfg.write_text(json.dumps({**TINY_CONFIG, "compression_config": {"quant_method": "compressed-tensors"}}))
+    assert read_quant_method(cfg).method == "compressed-tensors"
+    cfg.write_text(json.dumps({"text_config": {**TINY_CONFIG, "quantization_config": {"quant_method": "awq"}}}))
+    assert read_quant_method(cfg).method == "awq"
+    cfg.write_text(json.dumps(TINY_CONFIG))
+    assert read_quant_method(cfg) == CheckpointRead(None, found=True)
+    assert read_quant_method(tmp_path / "absent.json") == CheckpointRead(None, found=False)
+
+
+# --- through the registry ------------------------------------------------------------------------------------
+
+
+def test_shipped_registry_decisions() -> None:
+    reg = load_registry(SHIPPED)
+    flags = {m.name: decide_for(reg, m).flag for m in reg.models}
+    assert flags == {
+        "llama-3.1-70b-awq": "awq_marlin",
+        "mixtral-8x7b-awq": "awq_marlin",
+        "qwen2.5-32b-awq": "awq_marlin",
+        "qwen2.5-14b-awq": "awq_marlin",
+        "llama-3.1-8b-fp8": None,  # compressed-tensors: vLLM refuses --quantization fp8
+        "mistral-7b-fp8": None,
+        "phi-3-mini-fp8": None,
+        "mistral-nemo-12b-fp8": None,
+    }
+    assert reg.model("llama-3.1-8b-fp8").checkpoint_quant_method == "compressed-tensors"
+    assert quantization_findings(reg) == ([], [])
+
+
+def test_local_config_json_wins_over_the_declared_method(tmp_path: Path) -> None:
+    model_folder(tmp_path, "ct", COMPRESSED_TENSORS_FP8)
+    reg_path = registry_with(
+        tmp_path,
+        [
+            {
+                "name": "ct",
+                "source": "./ct",
+                "quantization": "fp8",
+                "checkpoint_quant_method": "none",
+                "max_model_len": 1024,
+            }
+        ],
+    )
+    reg = load_registry(reg_path)
+    d = decide_for(reg, reg.model("ct"))
+    assert (d.flag, d.checkpoint) == (None, CheckpointInfo("compressed-tensors", FROM_CONFIG))
+    problems, warnings = quantization_findings(reg)
+    assert problems == []
+    assert len(warnings) == 1 and "field 'checkpoint_quant_method'" in warnings[0] and "config.json" in warnings[0]
+
+
+def test_check_reports_a_flag_vllm_would_refuse(tmp_path: Path) -> None:
+    model_folder(tmp_path, "bf16", None)
+    reg_path = registry_with(
+        tmp_path, [{"name": "m", "source": "./bf16", "quantization": "awq_marlin", "max_model_len": 1024}]
+    )
+    problems = check_registry(reg_path)
+    assert len(problems) == 1
+    assert "model 'm': field 'quantization'" in problems[0] and "unquantized" in problems[0]
+
+
+def test_hub_id_without_a_declared_method_warns(tmp_path: Path) -> None:
+    reg_path = registry_with(
+        tmp_path, [{"name": "m", "source": "org/m-fp8", "quantization": "fp8", "params_b": 1, "max_model_len": 1024}]
+    )
+    reg = load_registry(reg_path)
+    assert decide_for(reg, reg.model("m")).flag == "fp8"
+    _, warnings = check_plan(reg, plan_registry(reg))
+    assert any("field 'checkpoint_quant_method'" in w for w in warnings)
+
+
+def test_checkpoint_quant_method_is_validated_with_a_friendly_error(tmp_path: Path) -> None:
+    reg_path = registry_with(
+        tmp_path,
+        [{"name": "m", "source": "org/m", "params_b": 1, "max_model_len": 1024, "checkpoint_quant_method": "awk"}],
+    )
+    with pytest.raises(RegistryError) as err:
+        load_registry(reg_path)
+    (message,) = err.value.problems
+    assert "model 'm'" in message and "'checkpoint_quant_method'" in message and "did you mean 'awq'" in message
+    ok = registry_with(
+        tmp_path,
+        [
+            {
+                "name": "m",
+                "source": "org/m",
+                "params_b": 1,
+                "max_model_len": 1024,
+                "checkpoint_quant_method": "Compressed_Tensors",
+            }
+        ],
+    )
+    assert load_registry(ok).model("m").checkpoint_quant_method == "compressed-tensors"
+
+
+# --- one source of truth for the flags -----------------------------------------------------------------------
+
+
+def test_plan_engine_args_are_the_launch_argv_without_host_and_port(tmp_path: Path) -> None:
+    model_folder(tmp_path, "ct", COMPRESSED_TENSORS_FP8)
+    reg_path = registry_with(
+        tmp_path,
+        [
+            {
+                "name": "ct",
+                "source": "./ct",
+                "quantization": "fp8",
+                "max_model_len": 1024,
+                "lora": {"enabled": True, "max_rank": 8, "max_loras": 1},
+            }
+        ],
+    )
+    for path in (reg_path, SHIPPED):
+        reg = load_registry(path)
+        report = {m["name"]: m for m in plan_report(reg, plan_registry(reg))["models"]}
+        for spec in reg.models:
+            argv = argv_for(path, spec.name)
+            assert argv[:2] == ["vllm", "serve"]
+            assert argv[3:7] == ["--host", "127.0.0.1", "--port", "8123"]
+            assert report[spec.name]["engine_args"] == [argv[2], *argv[7:]]
+            assert report[spec.name]["quantization"]["flag"] == flag_value(argv, "--quantization")
+    assert "--quantization" not in report["llama-3.1-8b-fp8"]["engine_args"]
+    assert flag_value(report["llama-3.1-70b-awq"]["engine_args"], "--cpu-offload-gb") == "17"
