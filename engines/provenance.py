@@ -2,13 +2,18 @@
 
 ::
 
+    version = vllm_version_of("/opt/vllm/bin/vllm")  # once at start-up, off the event loop: '0.32.0'
     record = source_record(registry, spec)     # at start-up: hashes of the local config and weights index
-    record |= engine_record(engine)            # once the engine runs: vLLM version and its command line
+    record |= engine_record(engine)            # once the engine runs: the version it reports, its command line
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +62,11 @@ def source_record(registry: Registry, spec: ModelSpec) -> dict[str, Any]:
 
 
 def engine_record(engine: Engine) -> dict[str, Any]:
-    """The engine's version and the flags it was launched with (port and paths to temp dirs left out)."""
+    """The engine's version and the flags it was launched with (port and paths to temp dirs left out).
+
+    ``vllm_version`` is present only once the engine has reported it; until then the version read from
+    the executable (:func:`vllm_version_of`) stands.
+    """
     argv = list(engine.process.argv) if engine.process else []
     flags: list[str] = []
     skip = False
@@ -71,7 +80,65 @@ def engine_record(engine: Engine) -> dict[str, Any]:
         if i == 2:  # the model source, recorded separately
             continue
         flags.append(arg)
-    return {"vllm_version": engine.vllm_version, "engine_flags": flags}
+    record: dict[str, Any] = {"engine_flags": flags}
+    if engine.vllm_version is not None:
+        record["vllm_version"] = engine.vllm_version
+    return record
+
+
+#: A version string as ``vllm --version`` prints it ('0.32.0', '0.32.0+cpu', '0.11.1rc2.dev5+g1234').
+_VERSION = re.compile(r"\d+\.\d+[\w.+-]*")
+#: Asks an interpreter for the installed ``vllm`` distribution's version without importing vLLM.
+_ASK_METADATA = "import importlib.metadata as m; print(m.version('vllm'))"
+
+
+def vllm_version_of(executable: str, *, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> str | None:
+    """The vLLM version ``executable`` runs, or None when it cannot be told. Blocking: run it in a thread.
+
+    A Python entry point (``#!/venv/bin/python``, as pip writes ``bin/vllm``) has its interpreter asked
+    for the ``vllm`` distribution's version from its metadata: a fraction of a second, no vLLM import.
+    Any other executable (a wrapper script, a container launcher) is run with ``--version``.
+    """
+    path = shutil.which(executable)
+    if path is None:
+        return None
+    run_env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ} | (env or {})
+    interpreter = _python_of(Path(path), search_path=run_env.get("PATH"))
+    if interpreter is not None:
+        found = _version_from([interpreter, "-c", _ASK_METADATA], env=run_env, timeout_s=timeout_s)
+        if found is not None:
+            return found
+    return _version_from([path, "--version"], env=run_env, timeout_s=timeout_s)
+
+
+def _python_of(script: Path, *, search_path: str | None) -> str | None:
+    """The Python interpreter a script's ``#!`` line names (also ``/usr/bin/env python3``), else None."""
+    try:
+        with script.open("rb") as f:
+            first = f.readline(512).decode(errors="replace")
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    words = first[2:].split()
+    if words and Path(words[0]).name == "env" and len(words) > 1:
+        words = [shutil.which(words[1], path=search_path) or words[1]]
+    if not words or not Path(words[0]).name.startswith("python"):
+        return None
+    return words[0]
+
+
+def _version_from(argv: list[str], *, env: dict[str, str], timeout_s: float) -> str | None:
+    try:
+        proc = subprocess.run(
+            argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines or not _VERSION.fullmatch(lines[-1]):
+        return None
+    return lines[-1]
 
 
 def header_value(record: dict[str, Any]) -> str:

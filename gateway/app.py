@@ -29,7 +29,7 @@ from engines.engine import Engine
 from engines.errors import OnecardError
 from engines.gpu import GpuProbe, NvmlProbe, ThermalGuard
 from engines.manager import EngineManager
-from engines.provenance import source_record
+from engines.provenance import source_record, vllm_version_of
 from engines.registry import Registry, load_registry
 from engines.state import EngineState
 from gateway.api import admin, openai
@@ -41,6 +41,10 @@ from gateway.proxy import Proxy
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: How long the start waits for the vLLM version (a Python entry point answers in well under a second;
+#: a wrapper run with ``--version`` may take longer, and fills the version in when it answers).
+VERSION_WAIT_S = 10.0
 
 
 def onecard_version() -> str:
@@ -124,6 +128,8 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
             gw = Gateway(settings=settings, registry=reg, client=client, session=session, metrics=metrics,
                          manager=manager, proxy=Proxy(session, metrics), admission=Admission())
             app.state.gw = gw
+            version = asyncio.create_task(read_vllm_version(gw), name="vllm-version")
+            stack.push_async_callback(cancel_all, [version])
             for spec in reg.models:
                 gw.provenance[spec.name] = await asyncio.to_thread(source_record, reg, spec)
             killed = await manager.start()
@@ -134,6 +140,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
                 asyncio.create_task(watch_gpu(gw, probe), name="watch-gpu"),
             ]
             stack.push_async_callback(cancel_all, tasks)
+            await asyncio.wait({version}, timeout=VERSION_WAIT_S)
             yield
 
     app = FastAPI(title="onecard", version=onecard_version(), lifespan=lifespan,
@@ -187,6 +194,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(exc)
+
+
+async def read_vllm_version(gw: Gateway) -> None:
+    """Read the vLLM version once from the engines' executable, off the event loop, for every model card."""
+    executable = gw.manager.launch.executable
+    found = await asyncio.to_thread(vllm_version_of, executable, env=dict(gw.registry.vllm.env))
+    if found is None:
+        log.warning("could not tell the vLLM version of %s; models show it once their engine reports it", executable)
+    gw.set_vllm_version(found)
 
 
 async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:

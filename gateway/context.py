@@ -103,6 +103,7 @@ class Gateway:
     admission: Admission = field(default_factory=Admission)
     started_at: float = field(default_factory=time.time)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vllm_version: str | None = None  # read once from the executable at start; an engine's own report wins
     _records: dict[str, tuple[tuple[str, str | None], dict[str, Any], str]] = field(default_factory=dict)
 
     def resolve(self, name: str) -> Target | None:
@@ -120,10 +121,14 @@ class Gateway:
         key = (model, engine.engine_id)
         cached = self._records.get(model)
         if cached is None or cached[0] != key:
-            record = {**self.provenance.get(model, {}), **engine_record(engine)}
+            record = {"vllm_version": self.vllm_version, **self.provenance.get(model, {}), **engine_record(engine)}
             cached = (key, record, header_value(record))
             self._records[model] = cached
         return cached[1]
+
+    def set_vllm_version(self, found: str | None) -> None:
+        self.vllm_version = found
+        self._records.clear()
 
     def response_headers(self, model: str) -> dict[str, str]:
         self.record(model)
