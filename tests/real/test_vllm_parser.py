@@ -26,6 +26,7 @@ import pytest
 from engines.cpu_setup import build_demo_models, default_home, vllm_venv
 from engines.engine_args import engine_args
 from engines.planner import MIN_KV_CACHE_BYTES, plan_registry
+from engines.provenance import vllm_version_of
 from engines.quantization import FROM_CONFIG, CheckpointInfo, decide, decide_for
 from engines.registry import Platform, Quantization, Registry, load_registry
 from gateway.serve import demo_registry
@@ -259,3 +260,8 @@ def test_vllm_model_config_agrees_with_our_quantization_rule(vllm_says: dict[str
             assert mismatch in answer["error"], answer["error"]
         else:
             assert answer["ok"], f"vLLM refuses a {what}: {answer.get('error')}"
+
+
+def test_the_cpu_builds_version_is_read_from_its_executable() -> None:
+    """What ``/v1/models`` shows before any engine ran: the version of the executable's ``vllm`` distribution."""
+    assert vllm_version_of(str(vllm_venv() / "bin" / "vllm")) == "0.32.0+cpu"
