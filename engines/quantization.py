@@ -52,8 +52,8 @@ OVERRIDES: dict[Quantization, tuple[str, frozenset[Platform]]] = {
 #: GPTQ read ``quant_config.json``/``quantize_config.json`` and fail with "Cannot find the config file".
 ONLINE: frozenset[Quantization] = frozenset({Quantization.FP8})
 
-#: Which stored format each checkpoint method is, for the planner's ``quantization`` (None: any format,
-#: as compressed-tensors holds FP8, INT8 and 4-bit schemes alike).
+#: Which stored format each checkpoint method is, for the planner's ``quantization`` (None, or absent:
+#: any format, as compressed-tensors holds FP8, INT8 and 4-bit schemes alike).
 CHECKPOINT_FORMAT: dict[str, frozenset[Quantization] | None] = {
     "awq": frozenset({Quantization.AWQ, Quantization.AWQ_MARLIN}),
     "gptq": frozenset({Quantization.GPTQ, Quantization.GPTQ_MARLIN}),
@@ -179,7 +179,7 @@ def decide(requested: Quantization, checkpoint: CheckpointInfo, *, platform: Pla
             f"{method} checkpoint ({where}): vLLM reads the method from the checkpoint; no flag needed",
             checkpoint,
         )
-    formats = CHECKPOINT_FORMAT.get(method, frozenset())
+    formats = CHECKPOINT_FORMAT.get(method)  # None: a format the planner cannot tell apart
     reason = (
         f"{method} checkpoint ({where}): vLLM reads the method from the checkpoint and refuses "
         f"--quantization {requested.value} there; nothing passed"
@@ -216,11 +216,11 @@ def quantization_findings(registry: Registry) -> tuple[list[str], list[str]]:
         if d.warning:
             field = "checkpoint_quant_method" if d.checkpoint.known_from == UNKNOWN else "quantization"
             warnings.append(f"{registry.path}: model {spec.name!r}: field '{field}': {d.warning}")
+        declared = spec.checkpoint_quant_method
         if (
-            d.checkpoint.known_from == FROM_CONFIG
-            and spec.checkpoint_quant_method is not None
-            and (spec.checkpoint_quant_method if spec.checkpoint_quant_method != "none" else None)
-            != d.checkpoint.method
+            declared is not None
+            and d.checkpoint.known_from == FROM_CONFIG
+            and declared != (d.checkpoint.method or "none")
         ):
             warnings.append(
                 f"{registry.path}: model {spec.name!r}: field 'checkpoint_quant_method': "

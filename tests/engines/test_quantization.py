@@ -292,3 +292,8 @@ def test_plan_engine_args_are_the_launch_argv_without_host_and_port(tmp_path: Pa
             assert report[spec.name]["quantization"]["flag"] == flag_value(argv, "--quantization")
     assert "--quantization" not in report["llama-3.1-8b-fp8"]["engine_args"]
     assert flag_value(report["llama-3.1-70b-awq"]["engine_args"], "--cpu-offload-gb") == "17"
+
+
+def test_a_method_the_planner_cannot_size_is_left_to_vllm() -> None:
+    d = decide(Quantization.FP8, ckpt("mxfp4"), platform=Platform.CUDA)
+    assert d.flag is None and d.problem is None and "mxfp4" in d.reason
