@@ -10,6 +10,10 @@ One subprocess with the CPU vLLM venv's Python (vLLM 0.32) does two things:
 * builds vLLM's ``ModelConfig`` for small local checkpoints whose ``config.json`` declares a quantization
   method, with and without ``--quantization``: ``ModelConfig._verify_quantization`` is the rule that
   ``engines/quantization.py`` restates, so the two must agree (on the CPU platform, the one this build has).
+
+The CPU build's parser takes the CUDA plan's flags as they are (``--enable-sleep-mode``,
+``--kv-cache-dtype fp8``, ``--cpu-offload-gb``, ``--quantization awq_marlin``): parsing does not depend on
+the platform. What the CPU platform refuses (sleep mode, AWQ-Marlin) it refuses later, at engine start.
 """
 
 from __future__ import annotations
