@@ -98,6 +98,7 @@ class EngineManager:
         events: ManagerEvents | None = None,
         tick_s: float = 1.0,
         gpu_probe: GpuProbe | None = None,
+        card_total_gib: float | None = None,
     ) -> None:
         self.registry = registry
         self.client = client
@@ -114,6 +115,7 @@ class EngineManager:
             platform=self.platform,
             budget_gib=self.plan.budget_gib,
             run_dir=run_dir,
+            card_total_gib=card_total_gib,
         )
         self.state_file = StateFile(run_dir / "state" / "engines.json")
         self.engines: dict[str, Engine] = {

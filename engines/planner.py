@@ -481,7 +481,7 @@ def utilization_share(need_bytes: float, card_total_gib: float) -> float:
     >>> utilization_share(12 * GIB, 24.0)
     0.5
     """
-    scale = 10**UTILIZATION_DECIMALS
+    scale = 10.0**UTILIZATION_DECIMALS
     share = math.ceil(need_bytes / (card_total_gib * GIB) * scale) / scale
     return min(1.0, max(1.0 / scale, share))
 

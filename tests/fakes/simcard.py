@@ -293,6 +293,9 @@ class SimEngine:
         self.pid = pid
         self.skip_reload = skip_reload
         self.host_offload = 0
+        # what the ledger says too, kept here so that answering a request reads no file
+        self.weights_valid = True
+        self.stale_adapters: set[str] = set()
 
     @classmethod
     def start(cls, ledger: Ledger, *, model_dir: str | Path, flags: Sequence[str], served_name: str,
@@ -346,8 +349,9 @@ class SimEngine:
             h.sleeping = list(SLEEP_TAGS)
             h.host = self.host_offload + (h.weights if level == 1 else 0)
             if level >= 2:
-                h.weights_valid = False
-                h.stale_adapters = sorted(set(h.stale_adapters) | set(adapters))
+                self.weights_valid = False
+                self.stale_adapters |= set(adapters)
+                h.weights_valid, h.stale_adapters = False, sorted(self.stale_adapters)
             h.weights = h.kv = h.runtime = 0
             return freed, card.used
 
@@ -378,15 +382,14 @@ class SimEngine:
             h = card.holders[self.pid]
             if "weights" in h.sleeping:
                 raise RuntimeError("reload_weights: the weights pool is asleep; wake it with tags=weights first")
-            h.weights_valid = True
+            h.weights_valid = self.weights_valid = True
 
     def adapter_reloaded(self, name: str) -> None:
         with self.ledger.transaction() as card:
             h = card.holders[self.pid]
-            if name in h.stale_adapters:
-                h.stale_adapters.remove(name)
+            self.stale_adapters.discard(name)
+            h.stale_adapters = sorted(self.stale_adapters)
 
     def garbage(self, served: str) -> bool:
         """Whether answers under ``served`` (the model or an adapter) come from discarded weights."""
-        h = self.holder()
-        return not h.weights_valid or served in h.stale_adapters
+        return not self.weights_valid or served in self.stale_adapters
