@@ -26,8 +26,10 @@ class WeightsMismatch(Exception):
     """The engine's answers after a wake differ from those it gave when it became ready."""
 
     def __init__(self, served: str, expected: tuple[int, ...], got: tuple[int, ...]) -> None:
-        super().__init__(f"{served}: the fingerprint probe gave token ids {list(got)} after the wake, "
-                         f"{list(expected)} before: the weights are not the ones it was started with")
+        super().__init__(
+            f"{served}: the fingerprint probe gave token ids {list(got)} after the wake, "
+            f"{list(expected)} before: the weights are not the ones it was started with"
+        )
         self.served = served
 
 

@@ -20,7 +20,7 @@ _GENERIC = (
 _ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
 _PREFIX = re.compile(r"^(\([^)]*\)\s+)?((ERROR|WARNING|INFO|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")
-_CODE = ("raise ", "file \"", "^", "return ", "~")
+_CODE = ("raise ", 'file "', "^", "return ", "~")
 
 
 def last_error_line(tail: tuple[str, ...]) -> str:

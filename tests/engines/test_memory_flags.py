@@ -61,8 +61,11 @@ def test_the_8b_beside_phi3_is_refused_with_vllms_default_utilization() -> None:
     """What happens without the flag: the second engine is refused, with vLLM's error text."""
     plan = plan_registry(load_registry(SHIPPED))
     first = plan.model("llama-3.1-8b-fp8").total_gib * GIB
-    with pytest.raises(StartRefused, match=r"Free memory on device cuda:0 \(9\.89/24\.0 GiB\) on startup is less "
-                       r"than desired GPU memory utilization \(0\.92, 22\.08 GiB\)"):
+    with pytest.raises(
+        StartRefused,
+        match=r"Free memory on device cuda:0 \(9\.89/24\.0 GiB\) on startup is less "
+        r"than desired GPU memory utilization \(0\.92, 22\.08 GiB\)",
+    ):
         request_memory(free=int(24 * GIB - first), total=24 * GIB, utilization=DEFAULT_GPU_MEMORY_UTILIZATION)
 
 

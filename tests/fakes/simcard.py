@@ -298,8 +298,16 @@ class SimEngine:
         self.stale_adapters: set[str] = set()
 
     @classmethod
-    def start(cls, ledger: Ledger, *, model_dir: str | Path, flags: Sequence[str], served_name: str,
-              pid: int | None = None, skip_reload: bool = False) -> SimEngine:
+    def start(
+        cls,
+        ledger: Ledger,
+        *,
+        model_dir: str | Path,
+        flags: Sequence[str],
+        served_name: str,
+        pid: int | None = None,
+        skip_reload: bool = False,
+    ) -> SimEngine:
         """vLLM's start-up order: verify quantization, check free memory, load weights, allocate the KV pool."""
         pid = os.getpid() if pid is None else pid
         f = MemoryFlags.parse(flags)
@@ -324,10 +332,18 @@ class SimEngine:
                     )
             rest = kv + figures.runtime_bytes
             if weights + rest > card.free:
-                raise CudaOutOfMemory(oom_text(tried=rest, total=card.total, free=card.free - weights,
-                                               this_process=weights))
-            card.holders[pid] = Holder(pid=pid, kind="engine", name=served_name, weights=weights, kv=kv,
-                                       runtime=figures.runtime_bytes, host=offload)
+                raise CudaOutOfMemory(
+                    oom_text(tried=rest, total=card.total, free=card.free - weights, this_process=weights)
+                )
+            card.holders[pid] = Holder(
+                pid=pid,
+                kind="engine",
+                name=served_name,
+                weights=weights,
+                kv=kv,
+                runtime=figures.runtime_bytes,
+                host=offload,
+            )
         sim = cls(ledger, pid, skip_reload=skip_reload)
         sim.host_offload = offload
         return sim
@@ -361,8 +377,10 @@ class SimEngine:
         with self.ledger.transaction() as card:
             h = card.holders[self.pid]
             waking = [t for t in wanted if t in h.sleeping]
-            back = {"weights": h.parked.get("weights", 0),
-                    "kv_cache": h.parked.get("kv", 0) + h.parked.get("runtime", 0)}
+            back = {
+                "weights": h.parked.get("weights", 0),
+                "kv_cache": h.parked.get("kv", 0) + h.parked.get("runtime", 0),
+            }
             need = sum(back[t] for t in waking)
             if need > card.free:
                 raise CudaOutOfMemory(oom_text(tried=need, total=card.total, free=card.free, this_process=h.on_card))

@@ -43,16 +43,18 @@ def pids() -> Iterator[list[int]]:
             p.wait()
 
 
-def model_dir(tmp_path: Path, name: str, *, weights_gib: float, runtime_gib: float = 1.5,
-              quant: dict[str, object] | None = None) -> Path:
+def model_dir(
+    tmp_path: Path, name: str, *, weights_gib: float, runtime_gib: float = 1.5, quant: dict[str, object] | None = None
+) -> Path:
     folder = tmp_path / name
     folder.mkdir()
     config: dict[str, object] = {"architectures": ["LlamaForCausalLM"]}
     if quant is not None:
         config["quantization_config"] = quant
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / SIDECAR).write_text(json.dumps({"weights_bytes": int(weights_gib * GIB),
-                                              "runtime_bytes": int(runtime_gib * GIB)}))
+    (folder / SIDECAR).write_text(
+        json.dumps({"weights_bytes": int(weights_gib * GIB), "runtime_bytes": int(runtime_gib * GIB)})
+    )
     return folder
 
 
@@ -71,7 +73,8 @@ def test_startup_check_has_vllms_text_and_arithmetic() -> None:
     assert e.value.lines[-1] == (
         "ValueError: Free memory on device cuda:0 (9.89/24.0 GiB) on startup is less than desired GPU memory "
         "utilization (0.92, 22.08 GiB). Decrease GPU memory utilization or reduce GPU memory used by other "
-        "processes.")
+        "processes."
+    )
 
 
 def test_quantization_must_match_the_checkpoint_unless_it_is_an_override() -> None:
@@ -81,16 +84,20 @@ def test_quantization_must_match_the_checkpoint_unless_it_is_an_override() -> No
     assert verify_quantization({"quant_method": "gptq"}, "gptq_marlin") == "auto_gptq"
     assert verify_quantization({"quant_method": "fp8"}, "fp8") == "fp8"
     assert verify_quantization(None, "fp8") == "fp8"  # unquantized checkpoint: online quantization
-    with pytest.raises(StartRefused, match=r"^ValueError: Quantization method specified in the model config "
-                       r"\(compressed-tensors\) does not match the quantization method specified in the "
-                       r"`quantization` argument \(fp8\)\.$"):
+    with pytest.raises(
+        StartRefused,
+        match=r"^ValueError: Quantization method specified in the model config "
+        r"\(compressed-tensors\) does not match the quantization method specified in the "
+        r"`quantization` argument \(fp8\)\.$",
+    ):
         verify_quantization({"quant_method": "compressed-tensors"}, "fp8")
     with pytest.raises(StartRefused, match=r"\(awq\) does not match .* \(fp8\)"):
         verify_quantization(awq, "fp8")
 
 
 def test_two_engines_share_the_card_by_their_shares_and_the_default_refuses_the_second(
-        tmp_path: Path, pids: list[int]) -> None:
+    tmp_path: Path, pids: list[int]
+) -> None:
     ledger = Ledger.create(tmp_path / "card.json", total_gib=24)
     a = model_dir(tmp_path, "a", weights_gib=8.5)
     b = model_dir(tmp_path, "b", weights_gib=3.7)
@@ -109,8 +116,17 @@ def test_cuda_oom_when_the_weights_do_not_fit_and_offload_lowers_the_share(tmp_p
     with pytest.raises(CudaOutOfMemory, match=r"CUDA out of memory\. Tried to allocate 37\.0 GiB"):
         start(ledger, judge, pids[0], "--kv-cache-memory-bytes", gib(1.25), "--gpu-memory-utilization", "0.5")
     assert ledger.read().holders == {}
-    start(ledger, judge, pids[0], "--kv-cache-memory-bytes", gib(1.25), "--gpu-memory-utilization", "0.95",
-          "--cpu-offload-gb", "17")
+    start(
+        ledger,
+        judge,
+        pids[0],
+        "--kv-cache-memory-bytes",
+        gib(1.25),
+        "--gpu-memory-utilization",
+        "0.95",
+        "--cpu-offload-gb",
+        "17",
+    )
     h = ledger.read().holders[pids[0]]
     assert h.weights == 20 * GIB and h.host == 17 * GIB
 
@@ -124,8 +140,7 @@ def test_without_a_kv_figure_the_pool_is_the_share_less_weights_and_runtime(tmp_
     assert sim.holder().kv == 18 * GIB - 12 * GIB - int(1.5 * GIB)
 
 
-def test_sleep_levels_free_the_card_and_level_2_answers_garbage_until_reloaded(
-        tmp_path: Path, pids: list[int]) -> None:
+def test_sleep_levels_free_the_card_and_level_2_answers_garbage_until_reloaded(tmp_path: Path, pids: list[int]) -> None:
     ledger = Ledger.create(tmp_path / "card.json", total_gib=24)
     folder = model_dir(tmp_path, "m", weights_gib=8.0)
     flags = ("--kv-cache-memory-bytes", gib(4), "--gpu-memory-utilization", "0.6")
@@ -143,8 +158,15 @@ def test_sleep_levels_free_the_card_and_level_2_answers_garbage_until_reloaded(
     assert not sim.garbage("m") and sim.garbage("m-lora")  # the adapter's slots were discarded too
     sim.adapter_reloaded("m-lora")
     assert not sim.garbage("m-lora")
-    withheld = start(ledger, model_dir(tmp_path, "w", weights_gib=1.0), pids[1], "--kv-cache-memory-bytes",
-                     gib(1), "--gpu-memory-utilization", "0.2")
+    withheld = start(
+        ledger,
+        model_dir(tmp_path, "w", weights_gib=1.0),
+        pids[1],
+        "--kv-cache-memory-bytes",
+        gib(1),
+        "--gpu-memory-utilization",
+        "0.2",
+    )
     withheld.skip_reload = True
     withheld.sleep(2)
     withheld.wake(["weights"])
@@ -155,8 +177,15 @@ def test_sleep_levels_free_the_card_and_level_2_answers_garbage_until_reloaded(
 
 def test_a_wake_that_does_not_fit_is_cuda_oom_and_stays_asleep(tmp_path: Path, pids: list[int]) -> None:
     ledger = Ledger.create(tmp_path / "card.json", total_gib=24)
-    sim = start(ledger, model_dir(tmp_path, "m", weights_gib=8.0), pids[0], "--kv-cache-memory-bytes", gib(4),
-                "--gpu-memory-utilization", "0.6")
+    sim = start(
+        ledger,
+        model_dir(tmp_path, "m", weights_gib=8.0),
+        pids[0],
+        "--kv-cache-memory-bytes",
+        gib(4),
+        "--gpu-memory-utilization",
+        "0.6",
+    )
     sim.sleep(1)
     hold(ledger, pid=pids[1], name="trainer", nbytes=16 * GIB)
     with pytest.raises(CudaOutOfMemory):
@@ -168,15 +197,24 @@ def test_memory_of_a_dead_process_leaves_the_card(tmp_path: Path) -> None:
     ledger = Ledger.create(tmp_path / "card.json", total_gib=24)
     stop, ready = tmp_path / "stop", tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "STANDIN_SIMCARD": str(ledger.path)}
-    trainer = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_trainer", "--gib", "16", "--until",
-                                str(stop), "--ready", str(ready)], env=env, cwd=ROOT)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.fake_trainer", "--gib", "16", "--until", str(stop), "--ready", str(ready)],
+        env=env,
+        cwd=ROOT,
+    )
     try:
         deadline = time.monotonic() + 20
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert ledger.read().used == 16 * GIB
-        second = subprocess.run([sys.executable, "-m", "tests.fakes.fake_trainer", "--gib", "16", "--until",
-                                 str(stop)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        second = subprocess.run(
+            [sys.executable, "-m", "tests.fakes.fake_trainer", "--gib", "16", "--until", str(stop)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert second.returncode == 1 and "CUDA out of memory" in second.stderr
         trainer.kill()
         trainer.wait(10)
@@ -195,11 +233,19 @@ def load_fake_nvml() -> ModuleType:
     return module
 
 
-def test_the_gateways_nvml_code_reads_the_simulated_card(tmp_path: Path, pids: list[int],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_gateways_nvml_code_reads_the_simulated_card(
+    tmp_path: Path, pids: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ledger = Ledger.create(tmp_path / "card.json", total_gib=24, temperature_c=61.0, power_w=210.5)
-    start(ledger, model_dir(tmp_path, "m", weights_gib=8.0), pids[0], "--kv-cache-memory-bytes", gib(4),
-          "--gpu-memory-utilization", "0.6")
+    start(
+        ledger,
+        model_dir(tmp_path, "m", weights_gib=8.0),
+        pids[0],
+        "--kv-cache-memory-bytes",
+        gib(4),
+        "--gpu-memory-utilization",
+        "0.6",
+    )
     monkeypatch.setenv("STANDIN_SIMCARD", str(ledger.path))
     probe = NvmlProbe.open(load_fake_nvml())
     reading = probe.read()[0]

@@ -47,8 +47,14 @@ CHECKPOINT_QUANT = {
 class Lab:
     """A simulated 24 GiB card, the shipped models on it, and ``onecard serve`` in front."""
 
-    def __init__(self, tmp_path: Path, names: tuple[str, ...], *, host_ram_for_sleep_gib: float = 64,
-                 env: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        names: tuple[str, ...],
+        *,
+        host_ram_for_sleep_gib: float = 64,
+        env: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.tmp = tmp_path
         self.ledger = Ledger.create(tmp_path / "card.json", total_gib=24, temperature_c=58.0, power_w=180.0)
         shipped = yaml.safe_load(SHIPPED.read_text())
@@ -59,8 +65,11 @@ class Lab:
             entry = dict(entry)
             folder = tmp_path / "models" / entry["name"]
             folder.mkdir(parents=True)
-            config = {"architectures": ["LlamaForCausalLM"], **entry["architecture"],
-                      "quantization_config": CHECKPOINT_QUANT[entry["quantization"]]}
+            config = {
+                "architectures": ["LlamaForCausalLM"],
+                **entry["architecture"],
+                "quantization_config": CHECKPOINT_QUANT[entry["quantization"]],
+            }
             (folder / "config.json").write_text(json.dumps(config))
             entry["source"] = str(folder)
             entry["start_timeout_s"] = 30
@@ -76,8 +85,12 @@ class Lab:
                 entry["env"] = env[entry["name"]]
             models.append(entry)
         registry = {
-            "gpu": {"budget_gib": 24, "headroom_gib": 1, "platform": "cuda",
-                    "host_ram_for_sleep_gib": host_ram_for_sleep_gib},
+            "gpu": {
+                "budget_gib": 24,
+                "headroom_gib": 1,
+                "platform": "cuda",
+                "host_ram_for_sleep_gib": host_ram_for_sleep_gib,
+            },
             "vllm": {"executable": str(standin_executable(tmp_path)), "env": {ENV_LEDGER: str(self.ledger.path)}},
             "scheduler": {"max_wait_s": 5},
             "models": models,
@@ -86,10 +99,14 @@ class Lab:
         self.registry.write_text(yaml.safe_dump(registry, sort_keys=False))
         self.plan = plan_registry(load_registry(self.registry))
         for m in self.plan.models:  # the planner's figures, so the stand-in takes what the plan sizes
-            (tmp_path / "models" / m.name / SIDECAR).write_text(json.dumps(
-                {"weights_bytes": int(m.weights_gib * GIB), "runtime_bytes": int(m.overhead_gib * GIB)}))
-        self.gateway = GatewayProcess(self.registry, tmp_path / "run", env={
-            "PYTHONPATH": f"{FAKE_NVML}:{ROOT}", ENV_LEDGER: str(self.ledger.path)})
+            (tmp_path / "models" / m.name / SIDECAR).write_text(
+                json.dumps({"weights_bytes": int(m.weights_gib * GIB), "runtime_bytes": int(m.overhead_gib * GIB)})
+            )
+        self.gateway = GatewayProcess(
+            self.registry,
+            tmp_path / "run",
+            env={"PYTHONPATH": f"{FAKE_NVML}:{ROOT}", ENV_LEDGER: str(self.ledger.path)},
+        )
 
     @property
     def url(self) -> str:
@@ -106,8 +123,11 @@ class Lab:
         return {e["model"]: e for e in httpx.get(self.url + "/admin/engines", timeout=10).json()["engines"]}
 
     def ask(self, model: str, prompt: str = "Grade this answer", max_tokens: int = 6) -> httpx.Response:
-        return httpx.post(self.url + "/v1/completions", timeout=60,
-                          json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        return httpx.post(
+            self.url + "/v1/completions",
+            timeout=60,
+            json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        )
 
     def ask_right(self, model: str, prompt: str = "Grade this answer", *, served: str | None = None) -> None:
         """The model answers, and with its own weights (not a discarded pool's garbage)."""
@@ -185,10 +205,32 @@ def test_a_16_gib_lease_evicts_what_it_must_and_the_models_come_back(lab_factory
     lab.ask_right(PHI3)
     stop, ready = lab.tmp / "trainer.stop", lab.tmp / "trainer.ready"
     lease = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "lease", "--gib", "16", "--url", lab.url, "--",
-         sys.executable, "-m", "tests.fakes.fake_trainer", "--gib", "16", "--until", str(stop), "--ready", str(ready)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), ENV_LEDGER: str(lab.ledger.path)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "lease",
+            "--gib",
+            "16",
+            "--url",
+            lab.url,
+            "--",
+            sys.executable,
+            "-m",
+            "tests.fakes.fake_trainer",
+            "--gib",
+            "16",
+            "--until",
+            str(stop),
+            "--ready",
+            str(ready),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), ENV_LEDGER: str(lab.ledger.path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert until(ready.exists, 30), "the trainer never got its 16 GiB"
         trainer = lab.card().holders[int(ready.read_text())]
@@ -245,7 +287,8 @@ def test_a_level_2_wake_reloads_the_weights_and_gives_the_same_fingerprint(lab_f
 
 
 def test_a_withheld_reload_is_caught_and_the_client_gets_a_cold_restarted_engine(
-        lab_factory: Callable[..., Lab]) -> None:
+    lab_factory: Callable[..., Lab],
+) -> None:
     lab = lab_factory(L8B, QWEN14, host_ram_for_sleep_gib=0, env={L8B: {"STANDIN_SKIP_RELOAD": "1"}})
     lab.ask_right(L8B)
     first_pid = lab.engines()[L8B]["pid"]
