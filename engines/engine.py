@@ -377,7 +377,11 @@ class Engine:
             await self.drained(self.policy.drain_timeout_s)
             if level >= 2 and self.launch.sleep_supported:  # adapters lose their weights too: note what they say
                 for name in sorted(self.adapters):
-                    await self.fingerprints.take(self.api, name)
+                    try:
+                        await self.fingerprints.take(self.api, name)
+                    except (httpx.HTTPError, NotReady) as e:  # reloaded after the wake, but not proven
+                        log.warning("engine %s: no fingerprint for adapter %s: %s", self.name, name, e)
+                        self.fingerprints.forget(name)
             await self.api.sleep(level)
             if self.state is not EngineState.READY:  # it crashed meanwhile; the watch has said so
                 return

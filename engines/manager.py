@@ -537,6 +537,7 @@ class EngineManager:
         )
         t0 = time.monotonic()
         restart = engine.state is EngineState.FAILED
+        starts = len(engine.start_seconds)
         try:
             engine.check_backoff()  # before evicting anyone for a model that may not start yet
             for v in victims:
@@ -555,6 +556,8 @@ class EngineManager:
             self._fail_waiters(name, err)
             return
         seconds = time.monotonic() - t0
+        if kind == "wake" and len(engine.start_seconds) > starts:  # its wake was refused: a cold restart
+            kind, restart = "cold", True
         if restart:
             self.events.restarted(name)
         await self._measure(engine)

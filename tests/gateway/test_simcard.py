@@ -298,3 +298,5 @@ def test_a_withheld_reload_is_caught_and_the_client_gets_a_cold_restarted_engine
     engines = lab.engines()
     assert engines[L8B]["pid"] != first_pid and len(engines[L8B]["start_seconds"]) == 2  # a second cold start
     assert "fingerprint probe gave token ids" in lab.log() and "restarting it cold" in lab.log()
+    swaps = httpx.get(lab.url + "/admin/swaps", timeout=10).json()["swaps"]
+    assert [s["kind"] for s in swaps if s["model"] == L8B] == ["co_load", "cold"]  # the refused wake: a cold start
