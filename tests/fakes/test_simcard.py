@@ -256,3 +256,87 @@ def test_the_gateways_nvml_code_reads_the_simulated_card(
     assert card_total_gib(probe) == 24.0
     monkeypatch.delenv("STANDIN_SIMCARD")
     assert NvmlProbe.open(load_fake_nvml()).read() == []  # no card: NVML cannot start, as with no driver
+
+
+def serve(folder: Path, ledger: Ledger, *flags: str) -> tuple[subprocess.Popen[str], str]:
+    """A stand-in in GPU mode; its log goes to ``stderr.log`` beside the model folder."""
+    from tests.support import free_port
+
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("STANDIN_", "VLLM_"))}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.standin_engine",
+            "serve",
+            str(folder),
+            "--served-model-name",
+            "m",
+            "--port",
+            str(port),
+            "--enable-sleep-mode",
+            *flags,
+        ],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=(folder.parent / "stderr.log").open("w"),
+        env={
+            **clean,
+            "PYTHONPATH": str(ROOT),
+            "STANDIN_SIMCARD": str(ledger.path),
+            "VLLM_SERVER_DEV_MODE": "1",
+        },
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_a_standin_in_gpu_mode_is_refused_with_vllms_line_and_serves_the_sleep_sequence(tmp_path: Path) -> None:
+    import httpx
+
+    ledger = Ledger.create(tmp_path / "card.json", total_gib=24)
+    folder = model_dir(tmp_path, "m", weights_gib=8.0, quant={"quant_method": "compressed-tensors"})
+    refused, _ = serve(folder, ledger, "--quantization", "fp8", "--kv-cache-memory-bytes", gib(4))
+    assert refused.wait(30) == 1
+    err = (tmp_path / "stderr.log").read_text()
+    assert "ValueError: Quantization method specified in the model config (compressed-tensors) does not match" in err
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    proc, url = serve(
+        folder, ledger, "--quantization", "fp8", "--kv-cache-memory-bytes", gib(4), "--gpu-memory-utilization", "0.6"
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        body = {
+            "model": "m",
+            "prompt": [100, 200, 300, 400],
+            "max_tokens": 4,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        before = httpx.post(url + "/v1/completions", json=body, timeout=10).json()["choices"][0]
+        assert before["prompt_token_ids"] == [100, 200, 300, 400] and len(before["token_ids"]) == 4
+        assert ledger.read().holders[proc.pid].on_card == int(13.5 * GIB)
+        # vLLM 0.32's answers to the level-2 sequence, as the real CPU build gives them
+        assert httpx.post(url + "/sleep?level=2").json() == {"status": "sleeping", "level": 2}
+        assert ledger.read().holders[proc.pid].on_card == 0
+        assert httpx.post(url + "/wake_up?tags=weights").json() == {"status": "sleeping", "tags": ["weights"]}
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+        assert httpx.post(url + "/collective_rpc", json={"method": "reload_weights"}).json() == {"results": [None]}
+        assert httpx.post(url + "/wake_up?tags=kv_cache").json() == {"status": "awake", "tags": ["kv_cache"]}
+        assert httpx.post(url + "/reset_prefix_cache").json() == {"success": True}
+        after = httpx.post(url + "/v1/completions", json=body, timeout=10).json()["choices"][0]
+        assert after["token_ids"] == before["token_ids"]  # reloaded: the same fingerprint
+        httpx.post(url + "/sleep?level=2")
+        assert httpx.post(url + "/wake_up").json() == {"status": "awake", "tags": None}
+        garbage = httpx.post(url + "/v1/completions", json=body, timeout=10).json()["choices"][0]
+        assert garbage["token_ids"] != before["token_ids"]  # woken without a reload: discarded weights
+    finally:
+        proc.kill()
+        proc.wait(10)
