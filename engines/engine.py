@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import shutil
 import socket
 import tempfile
@@ -30,7 +29,9 @@ from pathlib import Path
 import httpx
 
 from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError
+from engines.fingerprint import AdapterReloadFailed, Fingerprints, WeightsMismatch, restore
 from engines.leftovers import EngineRecord, StateFile
+from engines.logtail import last_error_line as last_error_line  # re-exported: gateway/proxy.py uses it
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
@@ -96,6 +97,8 @@ class Engine:
         self._lock = asyncio.Lock()
         self._lora_lock = asyncio.Lock()
         self.adapters: set[str] = set()
+        self.adapter_paths: dict[str, str] = {}
+        self.fingerprints = Fingerprints()
         self.failures: deque[float] = deque(maxlen=16)
         self.last_error: EngineError | None = None
         self.last_used = 0.0
@@ -269,7 +272,9 @@ class Engine:
         env = build_env(self.launch, model=self.spec, engine_id=self.engine_id, tmpdir=tmpdir)
         self.process = proc = EngineProcess(self.name, argv, env=env, log_path=run_dir / "logs" / f"{self.name}.log")
         lora = self.spec.lora
-        self.adapters = {n for n, ad in lora.adapters.items() if ad.preload} if lora.enabled else set()
+        self.adapter_paths = {n: self.launch.registry.locate(ad.path) for n, ad in lora.adapters.items()
+                              if ad.preload and lora.enabled}
+        self.adapters = set(self.adapter_paths)
         try:
             await proc.spawn()
         except OSError as e:
@@ -294,6 +299,8 @@ class Engine:
                 timeout_s=self.spec.start_timeout_s,
                 alive=lambda: proc.returncode is None,
             )
+            self.fingerprints = Fingerprints()  # what these weights answer, for proving later wakes
+            await self.fingerprints.take(self.api, self.name)
         except (NotReady, TimeoutError) as e:
             if proc.returncode is not None or isinstance(e, NotReady):
                 with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
@@ -368,6 +375,13 @@ class Engine:
             if self.state is not EngineState.READY:
                 return
             await self.drained(self.policy.drain_timeout_s)
+            if level >= 2 and self.launch.sleep_supported:  # adapters lose their weights too: note what they say
+                for name in sorted(self.adapters):
+                    try:
+                        await self.fingerprints.take(self.api, name)
+                    except (httpx.HTTPError, NotReady) as e:  # reloaded after the wake, but not proven
+                        log.warning("engine %s: no fingerprint for adapter %s: %s", self.name, name, e)
+                        self.fingerprints.forget(name)
             await self.api.sleep(level)
             if self.state is not EngineState.READY:  # it crashed meanwhile; the watch has said so
                 return
@@ -375,13 +389,21 @@ class Engine:
             self.sm.swap(EngineState.READY, EngineState.SLEEPING)
 
     async def wake(self) -> None:
+        """Wake and prove the weights (:mod:`engines.fingerprint`); an engine that answers differently than
+        it did when it became ready is stopped, and the caller's ``ensure_ready`` starts it cold."""
         async with self._lock:
             if self.state is not EngineState.SLEEPING:
                 return
             t0 = time.monotonic()
+            discarded = self.sleep_level >= 2 and self.launch.sleep_supported
             try:
-                await self.api.wake_up()
-                await self.api.probe(self.name)
+                adapters = {a: self.adapter_paths[a] for a in sorted(self.adapters) if a in self.adapter_paths}
+                await restore(self.api, discarded=discarded, adapters=adapters)
+                await self.fingerprints.verify(self.api)  # also the wake's warm-up request
+            except (WeightsMismatch, AdapterReloadFailed) as e:
+                await self._discard(f"model {self.name}: wake from sleep level {self.sleep_level} refused: {e}; "
+                                    "restarting it cold")
+                return
             except (httpx.HTTPError, NotReady) as e:
                 err = EngineError(f"model {self.name}: wake from sleep failed: {e}", model=self.name,
                                   log_tail=self.log_tail(30))
@@ -392,6 +414,18 @@ class Engine:
             self.sleep_level = 0
             self.last_used = time.monotonic()
             self.sm.swap(EngineState.SLEEPING, EngineState.READY)
+
+    async def _discard(self, why: str) -> None:
+        """Stop a sleeping engine whose answers cannot be trusted; nothing is served from it."""
+        log.error("%s", why)
+        self.last_error = EngineError(why, model=self.name, log_tail=self.log_tail(30))
+        self.sm.swap(EngineState.SLEEPING, EngineState.STOPPING)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        await self._cleanup_process()
+        self.sleep_level = 0
+        self.ready_since = None
+        self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
 
     # --- LoRA ---------------------------------------------------------------------------------------
 
@@ -409,6 +443,7 @@ class Engine:
                                   f"answer ({type(e).__name__})", model=self.name) from e
             if status == 200 or (status == 400 and "already" in body.lower()):
                 self.adapters.add(name)
+                self.adapter_paths[name] = path
                 return
             raise EngineError(f"model {self.name}: loading adapter {name!r} failed ({status}): {body[:300]}",
                               model=self.name)
@@ -419,40 +454,4 @@ class Engine:
                 return
             await self.api.unload_lora(name)
             self.adapters.discard(name)
-
-
-#: Lines that wrap the real cause ("See root cause above") and so say little on their own.
-_GENERIC = (
-    "root cause",
-    "see stack trace",
-    "engine core initialization failed",
-    "traceback (most recent",
-    "systemexit",
-)
-_ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
-_PREFIX = re.compile(r"^(\([^)]*\)\s+)?((ERROR|WARNING|INFO|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
-_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")
-_CODE = ("raise ", "file \"", "^", "return ", "~")
-
-
-def last_error_line(tail: tuple[str, ...]) -> str:
-    """The most telling line of a log tail: vLLM's own exception line, not a wrapper or a code line."""
-    lines = [_PREFIX.sub("", line).strip() for line in tail]
-    lines = [line for line in lines if line and not line.lower().startswith(_CODE)]
-
-    def telling(line: str) -> bool:
-        return not any(g in line.lower() for g in _GENERIC)
-
-    def errorish(line: str) -> bool:
-        return any(k in line.lower() for k in _ERRORISH)
-
-    picks: tuple[Callable[[str], bool], ...] = (
-        lambda ln: bool(_EXCEPTION.match(ln)) and telling(ln),
-        lambda ln: errorish(ln) and telling(ln),
-        errorish,
-    )
-    for pick in picks:
-        found = [line for line in lines if pick(line)]
-        if found:
-            return found[-1]
-    return lines[-1] if lines else ""
+            self.fingerprints.forget(name)

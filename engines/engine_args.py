@@ -29,10 +29,13 @@ def engine_args(
     platform: Platform,
     budget_gib: float,
     quantization: QuantDecision | None = None,
+    card_total_gib: float | None = None,
 ) -> list[str]:
     """``vllm serve`` arguments for one registry entry, host and port left out.
 
-    ``quantization`` is the decision to apply (default: :func:`engines.quantization.decide_for`).
+    ``quantization`` is the decision to apply (default: :func:`engines.quantization.decide_for`);
+    ``card_total_gib`` the card's real total memory, of which ``--gpu-memory-utilization`` is a share
+    (default: the budget).
     """
     args = [registry.locate(model.source)]
     args += ["--served-model-name", model.name, "--max-model-len", str(model.max_model_len)]
@@ -45,7 +48,7 @@ def engine_args(
         args += ["--kv-cache-dtype", model.kv_cache_dtype]
     if model.revision:
         args += ["--revision", model.revision]
-    args += vllm_memory_args(plan, budget_gib=budget_gib, platform=platform)
+    args += vllm_memory_args(plan, budget_gib=budget_gib, platform=platform, card_total_gib=card_total_gib)
     args.append("--enable-prefix-caching" if model.enable_prefix_caching else "--no-enable-prefix-caching")
     if model.lora.enabled:
         args += ["--enable-lora", "--max-lora-rank", str(model.lora.max_rank), "--max-loras", str(model.lora.max_loras)]
@@ -60,8 +63,11 @@ def engine_args(
     return args
 
 
-def plan_report(registry: Registry, plan: Plan) -> dict[str, Any]:
-    """``plan.as_dict()`` with, per model, ``engine_args`` and the ``quantization`` decision and reason."""
+def plan_report(registry: Registry, plan: Plan, *, card_total_gib: float | None = None) -> dict[str, Any]:
+    """``plan.as_dict()`` with, per model, ``engine_args`` and the ``quantization`` decision and reason.
+
+    ``card_total_gib``: the real card's total memory when there is one (NVML), as the gateway will use it.
+    """
     report = plan.as_dict()
     models: list[dict[str, Any]] = []
     for spec in registry.models:
@@ -73,6 +79,7 @@ def plan_report(registry: Registry, plan: Plan) -> dict[str, Any]:
             platform=plan.platform,
             budget_gib=plan.budget_gib,
             quantization=decision,
+            card_total_gib=card_total_gib,
         )
         models.append({**plan.model(spec.name).as_dict(), "quantization": decision.as_dict(), "engine_args": args})
     report["models"] = models

@@ -242,6 +242,17 @@ class NvmlProbe:
             return None
 
 
+def card_total_gib(probe: GpuProbe) -> float | None:
+    """Total memory of GPU 0 in GiB, as NVML reports it; None when there is no GPU or NVML will not say.
+
+    >>> card_total_gib(NoGpu("no driver")) is None
+    True
+    """
+    readings = probe.read()
+    total = readings[0].memory_total_bytes if readings else None
+    return None if not total else total / 1024**3
+
+
 def _no_gpu(reason: str) -> NoGpu:
     log.info("no NVIDIA GPU / NVML: GPU metrics are off (%s)", reason)
     return NoGpu(reason)

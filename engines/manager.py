@@ -98,6 +98,7 @@ class EngineManager:
         events: ManagerEvents | None = None,
         tick_s: float = 1.0,
         gpu_probe: GpuProbe | None = None,
+        card_total_gib: float | None = None,
     ) -> None:
         self.registry = registry
         self.client = client
@@ -114,6 +115,7 @@ class EngineManager:
             platform=self.platform,
             budget_gib=self.plan.budget_gib,
             run_dir=run_dir,
+            card_total_gib=card_total_gib,
         )
         self.state_file = StateFile(run_dir / "state" / "engines.json")
         self.engines: dict[str, Engine] = {
@@ -535,6 +537,7 @@ class EngineManager:
         )
         t0 = time.monotonic()
         restart = engine.state is EngineState.FAILED
+        starts = len(engine.start_seconds)
         try:
             engine.check_backoff()  # before evicting anyone for a model that may not start yet
             for v in victims:
@@ -553,6 +556,8 @@ class EngineManager:
             self._fail_waiters(name, err)
             return
         seconds = time.monotonic() - t0
+        if kind == "wake" and len(engine.start_seconds) > starts:  # its wake was refused: a cold restart
+            kind, restart = "cold", True
         if restart:
             self.events.restarted(name)
         await self._measure(engine)

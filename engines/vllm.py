@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,11 @@ import httpx
 from engines.engine_args import engine_args
 from engines.planner import ModelPlan
 from engines.registry import ModelSpec, Platform, Registry
+
+#: The fingerprint probe: a fixed token-id prompt (ids every vocabulary of 1,000+ tokens has) and how many
+#: greedy tokens it asks for.
+FINGERPRINT_PROMPT = (100, 200, 300, 400)
+FINGERPRINT_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class LaunchConfig:
     budget_gib: float
     run_dir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: The card's real total memory (NVML), which vLLM's utilization share is of; None: the card is the budget.
+    card_total_gib: float | None = None
 
     @property
     def sleep_supported(self) -> bool:
@@ -42,7 +49,10 @@ class LaunchConfig:
 
 def build_argv(cfg: LaunchConfig, *, model: ModelSpec, plan: ModelPlan, port: int) -> list[str]:
     """The ``vllm serve`` command line for one registry entry: :func:`engine_args` plus host and port."""
-    source, *flags = engine_args(cfg.registry, model, plan, platform=cfg.platform, budget_gib=cfg.budget_gib)
+    source, *flags = engine_args(
+        cfg.registry, model, plan, platform=cfg.platform, budget_gib=cfg.budget_gib,
+        card_total_gib=cfg.card_total_gib,
+    )
     return [cfg.executable, "serve", source, "--host", "127.0.0.1", "--port", str(port), *flags]
 
 
@@ -136,19 +146,57 @@ class VllmApi:
         r = await self.client.post(f"{self.base_url}/sleep", params={"level": level}, timeout=120)
         r.raise_for_status()
 
-    async def wake_up(self) -> None:
-        r = await self.client.post(f"{self.base_url}/wake_up", timeout=300)
+    async def wake_up(self, tags: Sequence[str] = ()) -> None:
+        """``POST /wake_up``, all of it or only the pools named by ``tags`` (``weights``, ``kv_cache``).
+
+        vLLM 0.32: ``vllm/entrypoints/serve/dev/sleep/api_router.py`` ``wake_up`` reads repeated ``tags``
+        query parameters; the engine serves again only once no pool sleeps (``vllm/v1/engine/core.py``
+        ``EngineCore.wake_up``).
+        """
+        params = httpx.QueryParams([("tags", t) for t in tags])
+        r = await self.client.post(f"{self.base_url}/wake_up", params=params, timeout=300)
         r.raise_for_status()
+
+    async def collective_rpc(self, method: str, timeout_s: float = 600) -> None:
+        """``POST /collective_rpc {"method": ...}``: call a method on every worker.
+
+        vLLM 0.32: ``vllm/entrypoints/serve/dev/rpc/api_router.py``, ``collective_rpc``.
+        """
+        r = await self.client.post(f"{self.base_url}/collective_rpc", json={"method": method}, timeout=timeout_s)
+        r.raise_for_status()
+
+    async def reset_prefix_cache(self) -> None:
+        """``POST /reset_prefix_cache`` (``vllm/entrypoints/serve/dev/cache/api_router.py``): cached KV is stale."""
+        r = await self.client.post(f"{self.base_url}/reset_prefix_cache", timeout=60)
+        r.raise_for_status()
+
+    async def fingerprint(self, served_name: str, timeout_s: float = 60.0) -> tuple[int, ...]:
+        """The token ids a fixed token-id prompt gives, greedy: the same weights give the same ids.
+
+        ``return_token_ids`` makes vLLM 0.32 put the output ids in ``choices[0].token_ids``
+        (``vllm/entrypoints/openai/completion/protocol.py`` / ``serving.py``).
+        """
+        body = {"model": served_name, "prompt": list(FINGERPRINT_PROMPT), "max_tokens": FINGERPRINT_TOKENS,
+                "temperature": 0, "return_token_ids": True}
+        r = await self.client.post(f"{self.base_url}/v1/completions", json=body, timeout=timeout_s)
+        if r.status_code != 200:
+            raise NotReady(f"fingerprint probe answered {r.status_code}: {r.text[:300]}")
+        try:
+            ids = r.json()["choices"][0]["token_ids"]
+            return tuple(int(i) for i in ids)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise NotReady(f"fingerprint probe: no token ids in the answer: {r.text[:300]}") from e
 
     async def is_sleeping(self) -> bool:
         r = await self.client.get(f"{self.base_url}/is_sleeping", timeout=10)
         r.raise_for_status()
         return bool(r.json().get("is_sleeping"))
 
-    async def load_lora(self, name: str, path: str) -> tuple[int, str]:
-        r = await self.client.post(
-            f"{self.base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}, timeout=120
-        )
+    async def load_lora(self, name: str, path: str, *, inplace: bool = False) -> tuple[int, str]:
+        body: dict[str, object] = {"lora_name": name, "lora_path": path}
+        if inplace:  # replace a loaded adapter's weights (vllm/entrypoints/serve/lora/protocol.py)
+            body["load_inplace"] = True
+        r = await self.client.post(f"{self.base_url}/v1/load_lora_adapter", json=body, timeout=120)
         return r.status_code, r.text
 
     async def unload_lora(self, name: str) -> tuple[int, str]:

@@ -27,7 +27,7 @@ from starlette.responses import Response
 
 from engines.engine import Engine
 from engines.errors import OnecardError
-from engines.gpu import GpuProbe, NvmlProbe, ThermalGuard
+from engines.gpu import GpuProbe, NvmlProbe, ThermalGuard, card_total_gib
 from engines.manager import EngineManager
 from engines.provenance import source_record, vllm_version_of
 from engines.registry import Registry, load_registry
@@ -120,6 +120,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
                 budget_gib=settings.budget_gib,
                 events=MetricsEvents(metrics),
                 gpu_probe=probe,
+                card_total_gib=await asyncio.to_thread(card_total_gib, probe),  # vLLM's shares are of this
             )
             stack.push_async_callback(manager.close)
             engines.update(manager.engines)

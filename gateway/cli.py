@@ -153,14 +153,16 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from engines.engine_args import format_quantization, plan_report
-    from engines.planner import format_plan, plan_registry
+    from engines.planner import detect_budget_gib, format_plan, plan_registry
+    from engines.registry import Platform
 
     registry = _load(_registry_path(args))
     if registry is None:
         return 1
     plan = plan_registry(registry, budget_gib=args.budget_gib)
     if args.json:
-        print(json.dumps(plan_report(registry, plan), indent=2))
+        card_total = detect_budget_gib() if plan.platform is Platform.CUDA else None
+        print(json.dumps(plan_report(registry, plan, card_total_gib=card_total), indent=2))
     else:
         print(format_plan(plan))
         print()

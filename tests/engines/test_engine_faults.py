@@ -84,7 +84,8 @@ async def test_crash_at_start_names_vllms_error(tmp_path: Path, client: httpx.As
 
 async def test_crash_mid_request_then_restart(tmp_path: Path, client: httpx.AsyncClient) -> None:
     policy = RestartPolicy(base_backoff_s=0.2, loop_failures=3, loop_window_s=60)
-    e = make_engine(tmp_path, client, policy, env={"STANDIN_CRASH_AFTER_TOKENS": "3"})
+    # 5: the start's fingerprint probe (4 tokens) must pass; the 20-token request below crashes
+    e = make_engine(tmp_path, client, policy, env={"STANDIN_CRASH_AFTER_TOKENS": "5"})
     await e.ensure_ready()
     first_pid = e.pid
     with pytest.raises(httpx.HTTPError):

@@ -159,7 +159,14 @@ def test_shipped_plan_8b_fits() -> None:
     assert p.total_gib == pytest.approx(8.4575 + 4 + RUNTIME_OVERHEAD_GIB + 0.15625, abs=1e-4)
     assert p.verdict is Verdict.FITS
     assert p.offload_gib == 0
-    assert vllm_memory_args(p, budget_gib=24, platform=Platform.CUDA) == ["--kv-cache-memory-bytes", str(kv)]
+    # the exact pool, and a share of the card that covers the plan (14.1138 / 24, rounded up): vLLM's
+    # start-up check refuses a second engine under its default share of 0.92
+    assert vllm_memory_args(p, budget_gib=24, platform=Platform.CUDA) == [
+        "--kv-cache-memory-bytes",
+        str(kv),
+        "--gpu-memory-utilization",
+        "0.588075",
+    ]
 
 
 def test_shipped_plan_70b_needs_offload() -> None:
@@ -184,6 +191,8 @@ def test_shipped_plan_70b_needs_offload() -> None:
     assert vllm_memory_args(p, budget_gib=24, platform=Platform.CUDA) == [
         "--kv-cache-memory-bytes",
         "1342177280",
+        "--gpu-memory-utilization",
+        "0.949444",  # 22.7866 / 24, rounded up
         "--cpu-offload-gb",
         "17",
     ]

@@ -44,7 +44,19 @@ Variable (example)                  Effect
 ``STANDIN_FIRST_TOKEN_DELAY=0.2``   seconds before the first token (the "prefill")
 ``STANDIN_WAKE_DELAY=1``            seconds ``/wake_up`` takes
 ``STANDIN_FAIL_WAKE=msg``           ``/wake_up`` answers 500 with ``msg``; the engine stays asleep
+``STANDIN_SIMCARD=/tmp/card.json``  GPU mode: the engine takes its memory from the simulated card in that
+                                    ledger, by vLLM 0.32's rules (:mod:`tests.fakes.simcard`): start-up
+                                    check, OOM, offload, sleep levels, quantization check; the model
+                                    folder holds ``config.json`` and ``simcard.json`` (the plan's figures)
+``STANDIN_SKIP_RELOAD=1``           GPU mode: ``/collective_rpc`` ``reload_weights`` answers 200 but
+                                    reloads nothing, so a level-2 wake keeps answering garbage
 =================================== ====================================================================
+
+Sleep follows vLLM's pools: ``/wake_up?tags=weights`` and ``?tags=kv_cache`` wake one pool each, and
+generation resumes only when none sleeps. In GPU mode a level-2 sleep discards the weights (and the LoRA
+slots): answers differ until ``POST /collective_rpc {"method": "reload_weights"}`` (and, for an adapter,
+a ``load_inplace`` reload). ``POST /reset_prefix_cache`` answers ``{"success": true}``.
+``return_token_ids`` on a completion fills ``token_ids`` and ``prompt_token_ids`` as vLLM 0.32 does.
 
 Tokenizer: ASCII text is cut into chunks of up to 4 characters (from the start of each ASCII run), each
 other character (and NUL) is one token. A chunk's id is its bytes read as a big-endian int, zero-padded
@@ -88,6 +100,8 @@ from urllib.parse import parse_qs
 
 import orjson
 import uvicorn
+
+from tests.fakes import simcard
 
 VLLM_VERSION: Final = "0.32.0"
 DEFAULT_MAX_MODEL_LEN: Final = 8192
@@ -563,6 +577,7 @@ class _Job:
     continuous_usage: bool = False
     echo: bool = False
     logprobs: int | None = None
+    return_token_ids: bool = False
     echo_text: str = ""  # chat: the last message's content, echoed when `echo` is set
 
     @property
@@ -697,8 +712,11 @@ _TEXT: Final = "\x01standin-text\x01"
 class StandInEngine:
     """vLLM's HTTP API over a fake, deterministic model, as a raw ASGI app."""
 
-    def __init__(self, args: ServeArgs, knobs: Knobs, *, dev_mode: bool, runtime_lora: bool) -> None:
+    def __init__(self, args: ServeArgs, knobs: Knobs, *, dev_mode: bool, runtime_lora: bool,
+                 sim: simcard.SimEngine | None = None) -> None:
         self.args = args
+        self.sim = sim
+        self.sleeping_tags: set[str] = set()
         self.knobs = knobs
         self.names = args.names
         self.base_name = self.names[0]
@@ -726,6 +744,8 @@ class StandInEngine:
             self.routes["/sleep"] = {"POST": self._sleep}
             self.routes["/wake_up"] = {"POST": self._wake_up}
             self.routes["/is_sleeping"] = {"GET": self._is_sleeping}
+            self.routes["/collective_rpc"] = {"POST": self._collective_rpc}
+            self.routes["/reset_prefix_cache"] = {"POST": self._reset_prefix_cache}
         if runtime_lora:
             self.routes["/v1/load_lora_adapter"] = {"POST": self._load_lora}
             self.routes["/v1/unload_lora_adapter"] = {"POST": self._unload_lora}
@@ -891,6 +911,8 @@ class StandInEngine:
         if options and not stream:
             raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
         include_usage = bool(options.get("include_usage", True)) if options else False
+        if self.sim is not None and self.sim.garbage(seed_name):  # discarded weights answer something else
+            seed_name += "\0discarded weights"
         seqs: list[_Seq] = []
         for p, prompt in enumerate(prompts):
             for i in range(n):
@@ -944,6 +966,7 @@ class StandInEngine:
             job = self._job(scope, req, kind="completion", model=model, seed_name=seed_name, prompts=prompts,
                             max_tokens=_int_field(req, "max_tokens", None))
             job.logprobs = _int_field(req, "logprobs", None)
+            job.return_token_ids = bool(req.get("return_token_ids"))
             if job.logprobs is not None and job.logprobs > MAX_LOGPROBS:
                 raise _bad(f"Requested sample logprobs of {job.logprobs}, which is greater than max allowed: "
                            f"{MAX_LOGPROBS}", "logprobs")
@@ -995,8 +1018,9 @@ class StandInEngine:
                 logprobs = self._completion_logprobs(job, seq, 0, job.max_tokens, with_prompt=job.echo)
             choices.append({
                 "index": seq.index, "text": seq.prompt.text + text if job.echo else text, "logprobs": logprobs,
-                "finish_reason": job.finish_reason, "stop_reason": None, "token_ids": None,
-                "prompt_logprobs": None, "prompt_token_ids": None,
+                "finish_reason": job.finish_reason, "stop_reason": None,
+                "token_ids": [encode(WORDS[w])[0] for w in seq.words] if job.return_token_ids else None,
+                "prompt_logprobs": None, "prompt_token_ids": seq.prompt.ids if job.return_token_ids else None,
             })
         body = {
             "id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
@@ -1274,20 +1298,54 @@ class StandInEngine:
                  "Sleep mode was not enabled (--enable-sleep-mode): sleeping frees no memory.")
         self.sleep_level = int(level_text)
         self.awake.clear()
+        self.sleeping_tags = set(simcard.SLEEP_TAGS)
+        if self.sim is not None and self.args.enable_sleep_mode:
+            freed, used = self.sim.sleep(self.sleep_level, adapters=sorted(self.loras))
+            _log("INFO", "gpu_worker.py:330", f"Sleep mode freed {simcard.format_gib(freed)} GiB memory, "
+                 f"{simcard.format_gib(used)} GiB memory is still in use.")
         _log("INFO", "gpu_worker.py:124", f"Sleep level {level_text}: it took 0.000001 seconds to fall asleep.")
-        await _respond(send, 200, content_type=None)
+        await _respond(send, 200, orjson.dumps({"status": "sleeping", "level": self.sleep_level}))
 
     async def _wake_up(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tags = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tags") or None
         if self.sleep_level:
             if self.knobs.wake_delay > 0:
                 await asyncio.sleep(self.knobs.wake_delay)
             if self.knobs.fail_wake is not None:
                 _log("ERROR", "gpu_worker.py:140", self.knobs.fail_wake, sys.stderr)
                 raise ApiError(500, self.knobs.fail_wake, "InternalServerError")
-            self.sleep_level = 0
-            self.awake.set()
-            _log("INFO", "gpu_worker.py:150", f"Woke up in {self.knobs.wake_delay:.3f} seconds.")
-        await _respond(send, 200, content_type=None)
+            if self.sim is not None and self.args.enable_sleep_mode:
+                try:
+                    self.sim.wake(tags)
+                except simcard.CudaOutOfMemory as exc:
+                    _log("ERROR", "cumem.py:300", str(exc), sys.stderr)
+                    raise ApiError(500, str(exc), "InternalServerError") from exc
+            self.sleeping_tags -= set(tags) if tags else self.sleeping_tags
+            if not self.sleeping_tags:  # vllm/v1/engine/core.py EngineCore.wake_up: only when fully awake
+                self.sleep_level = 0
+                self.awake.set()
+            _log("INFO", "gpu_worker.py:150", f"Woke up tags {tags} in {self.knobs.wake_delay:.3f} seconds.")
+        fully = self.awake.is_set()
+        await _respond(send, 200, orjson.dumps({"status": "awake" if fully else "sleeping", "tags": tags}))
+
+    async def _collective_rpc(self, scope: Scope, receive: Receive, send: Send) -> None:
+        req = await _read_json(receive)
+        method = req.get("method")
+        if method is None:
+            raise ApiError(400, "Missing 'method' in request body", "BadRequestError")
+        if method != "reload_weights":
+            raise ApiError(500, f"Method {method!r} is not supported by the stand-in", "InternalServerError")
+        if self.sim is not None:
+            try:
+                self.sim.reload_weights()
+            except RuntimeError as exc:
+                raise ApiError(500, str(exc), "InternalServerError") from exc
+        _log("INFO", "gpu_model_runner.py:2700", "Reloading weights inplace...")
+        await _respond(send, 200, orjson.dumps({"results": [None]}))
+
+    async def _reset_prefix_cache(self, scope: Scope, receive: Receive, send: Send) -> None:
+        _log("INFO", "api_router.py:39", "Resetting prefix cache...")
+        await _respond(send, 200, orjson.dumps({"success": True}))
 
     async def _is_sleeping(self, scope: Scope, receive: Receive, send: Send) -> None:
         await _respond(send, 200, orjson.dumps({"is_sleeping": not self.awake.is_set()}))
@@ -1306,6 +1364,8 @@ class StandInEngine:
         if error is not None:
             raise error
         self.loras[name] = LoraModule(name, path, None)
+        if self.sim is not None:
+            self.sim.adapter_reloaded(name)
         _log("INFO", "serving_models.py:200", f"Loaded new LoRA adapter: name '{name}', path '{path}'")
         body = f"Success: LoRA adapter '{name}' added successfully.".encode()
         await _respond(send, 200, body, b"text/plain; charset=utf-8")
@@ -1450,6 +1510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = _check_lora(args, module)
         if error is not None:
             return _fail_start(f"ValueError: {error.message}")
+    sim = None
+    if os.environ.get(simcard.ENV_LEDGER):
+        try:
+            sim = simcard.SimEngine.start(
+                simcard.Ledger(os.environ[simcard.ENV_LEDGER]), model_dir=args.model, flags=args.ignored,
+                served_name=args.names[0], skip_reload=os.environ.get(simcard.ENV_SKIP_RELOAD) == "1")
+        except simcard.StartRefused as exc:
+            return _fail_start(*exc.lines)
     _log("INFO", "gpu_model_runner.py:2100",
          f"Model loading took 0.0000 GiB and {knobs.start_delay:.6f} seconds")
     for module in args.lora_modules:
@@ -1458,6 +1526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, knobs,
         dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0").strip() == "1",
         runtime_lora=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true"),
+        sim=sim,
     )
     _log("INFO", "api_server.py:1971", f"Starting vLLM API server 0 on http://{args.host}:{args.port}")
     config = uvicorn.Config(engine, host=args.host, port=args.port, loop="uvloop", http="httptools",
