@@ -8,7 +8,8 @@
     await engine.stop()              # drain (bounded), SIGTERM the group, wait, SIGKILL
 
 An engine that exits while serving goes to ``failed``; the next ``ensure_ready`` restarts it after a
-backoff, and too many failures in a window is a crash loop that refuses starts for a while.
+backoff, and too many failures in a window is a crash loop that keeps it failed for a while
+(``engines/restarts.py``). Every failure message carries vLLM's root-cause line (``engines/rootcause.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import shutil
 import socket
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -34,25 +32,13 @@ from engines.leftovers import EngineRecord, StateFile
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
+from engines.restarts import RestartPolicy as RestartPolicy  # re-exported: the manager configures it
+from engines.restarts import Restarts
+from engines.rootcause import root_cause
 from engines.state import EngineState, StateMachine, wait_event
 from engines.vllm import LaunchConfig, NotReady, VllmApi, build_argv, build_env
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """Backoff after failures, and what counts as a crash loop."""
-
-    base_backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    loop_failures: int = 3
-    loop_window_s: float = 300.0
-    stop_grace_s: float = 15.0
-    drain_timeout_s: float = 30.0
-
-    def backoff(self, failures: int) -> float:
-        return 0.0 if failures == 0 else min(self.max_backoff_s, self.base_backoff_s * 2 ** (failures - 1))
 
 
 def free_port() -> int:
@@ -96,7 +82,8 @@ class Engine:
         self._lock = asyncio.Lock()
         self._lora_lock = asyncio.Lock()
         self.adapters: set[str] = set()
-        self.failures: deque[float] = deque(maxlen=16)
+        self.restarts = Restarts(self.policy)
+        self.failures = self.restarts.failures
         self.last_error: EngineError | None = None
         self.last_used = 0.0
         self.ready_since: float | None = None
@@ -156,34 +143,12 @@ class Engine:
 
     # --- start -------------------------------------------------------------------------------------
 
-    def _recent_failures(self) -> list[float]:
-        now = time.monotonic()
-        return [t for t in self.failures if now - t <= self.policy.loop_window_s]
-
     def check_backoff(self) -> None:
         """Raise :class:`CrashLoop` while a failed engine must not be started again yet."""
-        recent = self._recent_failures()
-        if not recent:
-            return
-        cause = self.last_error.message if self.last_error else "unknown cause"
-        tail = self.last_error.log_tail if self.last_error else ()
-        if len(recent) >= self.policy.loop_failures:
-            retry = recent[0] + self.policy.loop_window_s - time.monotonic()
-            raise CrashLoop(
-                f"model {self.name} failed {len(recent)} times in {self.policy.loop_window_s:.0f} s and is "
-                f"held back for {retry:.0f} s; last cause: {cause}",
-                model=self.name,
-                retry_after=max(1.0, retry),
-                log_tail=tail,
-            )
-        wait = recent[-1] + self.policy.backoff(len(recent)) - time.monotonic()
-        if wait > 0:
-            raise CrashLoop(
-                f"model {self.name} failed {wait:.1f} s ago and restarts after a backoff; last cause: {cause}",
-                model=self.name,
-                retry_after=max(1.0, wait),
-                log_tail=tail,
-            )
+        refusal = self.restarts.refusal(self.name)
+        if refusal is not None:
+            tail = self.last_error.log_tail if self.last_error else ()
+            raise CrashLoop(refusal.message, model=self.name, retry_after=refusal.retry_after, log_tail=tail)
 
     async def ensure_ready(self) -> None:
         """Make the engine ready: join a start in progress, wake it, or start it."""
@@ -299,14 +264,19 @@ class Engine:
                 with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
                     await asyncio.wait_for(proc.wait(), timeout=2.0)
             tail = proc.last_lines(30)
-            why = f"; last log line: {last_error_line(tail)}" if tail else ""
+            why = f"; cause: {root_cause(tail)}" if tail else ""
             raise EngineStartError(
                 f"model {self.name} failed to start: {e}{why}", model=self.name, log_tail=tail
             ) from e
 
-    def _fail(self, err: EngineError) -> None:
-        self.failures.append(time.monotonic())
+    def _fail(self, err: EngineError, *, serving: bool = False) -> None:
+        ready_for = time.monotonic() - self.ready_since if serving and self.ready_since is not None else None
+        loop = self.restarts.record(serving=serving, cause=err.message, ready_for=ready_for)
         self.last_error = err
+        if loop is not None:
+            self.last_error = CrashLoop(loop.describe(self.name, loop.hold_s), model=self.name,
+                                        retry_after=loop.hold_s, log_tail=err.log_tail)
+            log.error("%s", self.last_error.message)
         if self.state is not EngineState.FAILED:
             self.sm.swap(self.state, EngineState.FAILED)
 
@@ -317,12 +287,12 @@ class Engine:
         tail = proc.last_lines(30)
         err = EngineCrashed(
             f"model {self.name}: the engine exited (code {rc}) while serving"
-            + (f"; last log line: {last_error_line(tail)}" if tail else ""),
+            + (f"; cause: {root_cause(tail)}" if tail else ""),
             model=self.name,
             log_tail=tail,
         )
         log.error("%s", err.message)
-        self._fail(err)
+        self._fail(err, serving=True)
         await self._cleanup_process()
 
     async def _cleanup_process(self) -> None:
@@ -419,40 +389,3 @@ class Engine:
                 return
             await self.api.unload_lora(name)
             self.adapters.discard(name)
-
-
-#: Lines that wrap the real cause ("See root cause above") and so say little on their own.
-_GENERIC = (
-    "root cause",
-    "see stack trace",
-    "engine core initialization failed",
-    "traceback (most recent",
-    "systemexit",
-)
-_ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
-_PREFIX = re.compile(r"^(\([^)]*\)\s+)?((ERROR|WARNING|INFO|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
-_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")
-_CODE = ("raise ", "file \"", "^", "return ", "~")
-
-
-def last_error_line(tail: tuple[str, ...]) -> str:
-    """The most telling line of a log tail: vLLM's own exception line, not a wrapper or a code line."""
-    lines = [_PREFIX.sub("", line).strip() for line in tail]
-    lines = [line for line in lines if line and not line.lower().startswith(_CODE)]
-
-    def telling(line: str) -> bool:
-        return not any(g in line.lower() for g in _GENERIC)
-
-    def errorish(line: str) -> bool:
-        return any(k in line.lower() for k in _ERRORISH)
-
-    picks: tuple[Callable[[str], bool], ...] = (
-        lambda ln: bool(_EXCEPTION.match(ln)) and telling(ln),
-        lambda ln: errorish(ln) and telling(ln),
-        errorish,
-    )
-    for pick in picks:
-        found = [line for line in lines if pick(line)]
-        if found:
-            return found[-1]
-    return lines[-1] if lines else ""
