@@ -113,6 +113,10 @@ class Engine:
     def log_tail(self, n: int = 20) -> tuple[str, ...]:
         return self.process.last_lines(n) if self.process else ()
 
+    def failure_lines(self, n: int = 30) -> tuple[str, ...]:
+        """The log lines that explain a failure (exception lines, then the last ``n``), for :func:`root_cause`."""
+        return self.process.failure_lines(n) if self.process else ()
+
     def expected_start_s(self) -> float:
         """Measured mean start time (or a prior from the plan's size) for swap-cost decisions."""
         if self.start_seconds:
@@ -202,7 +206,7 @@ class Engine:
             except Exception as e:  # a bug or an OS error: fail like any start failure, with backoff
                 await self._cleanup_process()
                 err = EngineStartError(f"model {self.name} failed to start: {type(e).__name__}: {e}",
-                                       model=self.name, log_tail=self.log_tail(30))
+                                       model=self.name, log_tail=self.failure_lines(30))
                 self._fail(err)
                 raise err from e
             except BaseException:
@@ -263,7 +267,7 @@ class Engine:
             if proc.returncode is not None or isinstance(e, NotReady):
                 with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
                     await asyncio.wait_for(proc.wait(), timeout=2.0)
-            tail = proc.last_lines(30)
+            tail = proc.failure_lines(30)
             why = f"; cause: {root_cause(tail)}" if tail else ""
             raise EngineStartError(
                 f"model {self.name} failed to start: {e}{why}", model=self.name, log_tail=tail
@@ -284,7 +288,7 @@ class Engine:
         rc = await proc.wait()
         if self.process is not proc or self.state in (EngineState.STOPPING, EngineState.STOPPED, EngineState.FAILED):
             return
-        tail = proc.last_lines(30)
+        tail = proc.failure_lines(30)
         err = EngineCrashed(
             f"model {self.name}: the engine exited (code {rc}) while serving"
             + (f"; cause: {root_cause(tail)}" if tail else ""),
@@ -354,7 +358,7 @@ class Engine:
                 await self.api.probe(self.name)
             except (httpx.HTTPError, NotReady) as e:
                 err = EngineError(f"model {self.name}: wake from sleep failed: {e}", model=self.name,
-                                  log_tail=self.log_tail(30))
+                                  log_tail=self.failure_lines(30))
                 self._fail(err)
                 await self._cleanup_process()
                 raise err from e

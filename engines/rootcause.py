@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["MAX_CAUSE_CHARS", "engine_dead", "root_cause"]
+__all__ = ["MAX_CAUSE_CHARS", "engine_dead", "may_be_cause", "root_cause"]
 
 MAX_CAUSE_CHARS = 1000
 """A cause longer than this is cut (with an ellipsis): it goes into a JSON error message and a log line."""
@@ -133,6 +133,24 @@ def root_cause(tail: Iterable[str]) -> str:
             if lines[i] and pick(i):
                 return _shorten(_with_continuation(lines, i))
     return _shorten(lines[-1]) if lines else ""
+
+
+_HINTS = ("Error", "Exception", "error:", "Exit", "Interrupt", "Failure", "Fault")
+
+
+def may_be_cause(line: str) -> bool:
+    """Whether a log line could be picked as a root cause (cheap; for keeping such lines as they stream by,
+    because a crash can be followed by hundreds of lines of per-request tracebacks and shutdown noise).
+
+    >>> may_be_cause("(EngineCore pid=7) ERROR 12-02 13:44:16 [core.py:1512] RuntimeError: einsum(): bad")
+    True
+    >>> may_be_cause("(APIServer pid=6) INFO 12-02 13:44:16 [loggers.py:259] Engine 000: Avg throughput")
+    False
+    """
+    if not any(h in line for h in _HINTS):
+        return False
+    clean = _clean(line)
+    return bool(_EXCEPTION.match(clean) or _ARGPARSE.match(clean))
 
 
 def engine_dead(status: int, body: bytes) -> bool:

@@ -246,7 +246,7 @@ class Proxy:
         timed_out = isinstance(e, TimeoutError)
         if proc is not None and not timed_out:
             await exits_within(proc, DEAD_GRACE_S if isinstance(e, EngineDead) else EXIT_GRACE_S)
-        tail = engine.log_tail(60)
+        tail = engine.failure_lines(30)
         cause = f"; cause: {root_cause(tail)}" if tail else ""
         if isinstance(e, EngineDead) or proc is None or proc.returncode is not None:
             what = "its EngineCore died" if isinstance(e, EngineDead) else "the engine exited"

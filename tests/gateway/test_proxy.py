@@ -121,6 +121,9 @@ class FakeEngine:
     def log_tail(self, n: int = 20) -> tuple[str, ...]:
         return ("INFO starting", "ERROR boom")
 
+    def failure_lines(self, n: int = 30) -> tuple[str, ...]:
+        return self.log_tail(n)
+
 
 @dataclass
 class Slot:
