@@ -130,6 +130,8 @@ def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = No
         f"  try:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         '             -d \'{"model": "candidate", "messages": [{"role": "user", "content": "Hello"}],'
         ' "max_tokens": 16}\'\n'
+        f"  names:   candidate ({DEMO_CANDIDATE}) and judge ({DEMO_JUDGE}): chat, judging, evals;\n"
+        f"           {DEMO_ADAPTER}: a LoRA adapter, served by {DEMO_LORA_BASE}\n"
         "  (the first request to a model starts its engine: about 20-40 s on a CPU)\n",
         flush=True,
     )
