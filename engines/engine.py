@@ -68,7 +68,7 @@ class Engine:
         self.launch = launch
         self.client = client
         self.state_file = state_file
-        self.policy = policy or RestartPolicy()
+        self.restarts = Restarts(policy or RestartPolicy())
         self.sm = StateMachine(spec.name, [on_state] if on_state else None)
         self.process: EngineProcess | None = None
         self.port: int | None = None
@@ -82,7 +82,6 @@ class Engine:
         self._lock = asyncio.Lock()
         self._lora_lock = asyncio.Lock()
         self.adapters: set[str] = set()
-        self.restarts = Restarts(self.policy)
         self.failures = self.restarts.failures
         self.last_error: EngineError | None = None
         self.last_used = 0.0
@@ -93,6 +92,14 @@ class Engine:
         self.vllm_version: str | None = None
 
     # --- views -----------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> RestartPolicy:
+        return self.restarts.policy
+
+    @policy.setter
+    def policy(self, policy: RestartPolicy) -> None:
+        self.restarts.policy = policy
 
     @property
     def state(self) -> EngineState:
