@@ -36,7 +36,7 @@ def as_the_engine_keeps_them(log: list[str], n: int = 30) -> list[str]:
     """What ``EngineProcess.failure_lines`` holds after draining ``log``: the candidate lines (at most
     CAUSE_LINES), then the last ``n`` of its TAIL_LINES tail."""
     causes = [line for line in log if may_be_cause(line)][-CAUSE_LINES:]
-    return causes + log[-min(n, TAIL_LINES):]
+    return causes + log[-min(n, TAIL_LINES) :]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -57,8 +57,9 @@ def test_the_crash_cause_is_far_above_the_tail() -> None:
     assert len(log) - cause_at > TAIL_LINES
     last = root_cause(log[-TAIL_LINES:])
     assert "einsum" not in last  # the tail alone would tell the client about a wrapper or shutdown noise
-    assert any(line.endswith("EngineCore encountered an issue. See stack trace (above) for the root cause.")
-               for line in log)
+    assert any(
+        line.endswith("EngineCore encountered an issue. See stack trace (above) for the root cause.") for line in log
+    )
 
 
 def test_wrappers_and_noise_are_passed_over() -> None:
@@ -69,8 +70,10 @@ def test_wrappers_and_noise_are_passed_over() -> None:
         "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
         "  warnings.warn('resource_tracker: There appear to be %d '",
     ]
-    assert root_cause([*tail[:1], "(EngineCore pid=7) ERROR 12-02 13:44:16 [core.py:1] KeyError: 'lm_head'", *tail])\
+    assert (
+        root_cause([*tail[:1], "(EngineCore pid=7) ERROR 12-02 13:44:16 [core.py:1] KeyError: 'lm_head'", *tail])
         == "KeyError: 'lm_head'"
+    )
     # With nothing better, the wrapper itself rather than the shutdown noise.
     assert "EngineCore encountered an issue" in root_cause(tail[:2] + tail[3:])
 
@@ -94,8 +97,10 @@ def test_no_error_at_all_gives_the_last_line_and_long_lines_are_cut() -> None:
 
 
 def test_engine_dead_answers() -> None:
-    body = (b'{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root cause.",'
-            b'"type":"InternalServerError","param":null,"code":500}}')  # what the real engine answered
+    body = (
+        b'{"error":{"message":"EngineCore encountered an issue. See stack trace (above) for the root cause.",'
+        b'"type":"InternalServerError","param":null,"code":500}}'
+    )  # what the real engine answered
     assert engine_dead(500, body)
     assert not engine_dead(200, body)
     assert not engine_dead(500, b'{"error":{"message":"something else","code":500}}')

@@ -32,18 +32,36 @@ def loglikelihood_batch(url: str, model: str, n: int = BATCH) -> list[httpx.Resp
 
     async def run() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as c:
-            return list(await asyncio.gather(*(
-                c.post(url + "/v1/completions", json={"model": model, "prompt": [1, 2, 3 + i], "echo": True,
-                                                      "logprobs": 1, "max_tokens": 1, "temperature": 0})
-                for i in range(n))))
+            return list(
+                await asyncio.gather(
+                    *(
+                        c.post(
+                            url + "/v1/completions",
+                            json={
+                                "model": model,
+                                "prompt": [1, 2, 3 + i],
+                                "echo": True,
+                                "logprobs": 1,
+                                "max_tokens": 1,
+                                "temperature": 0,
+                            },
+                        )
+                        for i in range(n)
+                    )
+                )
+            )
 
     return asyncio.run(run())
 
 
 def registry(tmp_path: Path) -> Path:
     env = {"STANDIN_DIE_IN_BATCH": str(BATCH), "STANDIN_FIRST_TOKEN_DELAY": "0.3"}
-    return write_registry(tmp_path / "reg.yaml", [standin_model("m", env=env), standin_model("other")],
-                          executable=standin_executable(tmp_path), budget_gib=2.5)
+    return write_registry(
+        tmp_path / "reg.yaml",
+        [standin_model("m", env=env), standin_model("other")],
+        executable=standin_executable(tmp_path),
+        budget_gib=2.5,
+    )
 
 
 def error_of(r: httpx.Response) -> dict[str, Any]:
@@ -79,8 +97,9 @@ def test_every_client_in_a_killing_batch_gets_a_502_naming_the_root_cause(
         engine = server.gw.manager.engines["m"]
         assert engine.state is EngineState.FAILED
         deadline = time.monotonic() + 30
-        while (r := httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2},
-                               timeout=60)).status_code == 503:
+        while (
+            r := httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2}, timeout=60)
+        ).status_code == 503:
             assert time.monotonic() < deadline, r.text
             assert CAUSE in error_of(r)["message"], r.text  # the backoff refusal names the cause too
             time.sleep(float(r.headers["retry-after"]))

@@ -46,7 +46,10 @@ class DemoProcess:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "demo", "--port", str(self.port), "--run-dir", str(self.run_dir)],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                cwd=ROOT,
             )
         deadline = time.monotonic() + 300  # set-up is cached by the real_vllm fixture; this is the gateway start
         while time.monotonic() < deadline:
@@ -87,21 +90,43 @@ def test_the_demo_lists_what_it_offers(demo: DemoProcess) -> None:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize(("name", "registry_model"), [
-    ("candidate", DEMO_CANDIDATE), ("judge", DEMO_JUDGE), (DEMO_ADAPTER, DEMO_LORA_BASE)])
+@pytest.mark.parametrize(
+    ("name", "registry_model"), [("candidate", DEMO_CANDIDATE), ("judge", DEMO_JUDGE), (DEMO_ADAPTER, DEMO_LORA_BASE)]
+)
 def test_lm_eval_with_8_concurrent_loglikelihood_requests_is_answered_in_full(
     demo: DemoProcess, real_vllm: RealVllm, tmp_path: Path, name: str, registry_model: str
 ) -> None:
     lm_eval = setup_lm_eval()
     tokenizer = real_vllm.models.other if registry_model == DEMO_JUDGE else real_vllm.models.base
-    model_args = ",".join([
-        f"model={name}", f"base_url={demo.url}/v1/completions", f"tokenizer={tokenizer}",
-        "tokenizer_backend=huggingface", "tokenized_requests=True", "num_concurrent=8", "max_retries=1",
-        "max_length=512", "timeout=300",
-    ])
+    model_args = ",".join(
+        [
+            f"model={name}",
+            f"base_url={demo.url}/v1/completions",
+            f"tokenizer={tokenizer}",
+            "tokenizer_backend=huggingface",
+            "tokenized_requests=True",
+            "num_concurrent=8",
+            "max_retries=1",
+            "max_length=512",
+            "timeout=300",
+        ]
+    )
     out_dir = tmp_path / "results"
-    cmd = [str(lm_eval), "--model", "local-completions", "--model_args", model_args, "--tasks", TASK,
-           "--include_path", str(write_task(tmp_path / "tasks")), "--limit", str(LIMIT), "--output_path", str(out_dir)]
+    cmd = [
+        str(lm_eval),
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(write_task(tmp_path / "tasks")),
+        "--limit",
+        str(LIMIT),
+        "--output_path",
+        str(out_dir),
+    ]
     env = {**os.environ, **OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf")}
     for var in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
         env.pop(var, None)
@@ -117,8 +142,9 @@ def test_lm_eval_with_8_concurrent_loglikelihood_requests_is_answered_in_full(
     after = requests_by_status(demo, registry_model)
     delta = {status: n - before.get(status, 0) for status, n in after.items() if n != before.get(status, 0)}
     assert delta == {"200": LIMIT * CHOICES_PER_ITEM}, (delta, demo.log.read_text()[-3000:])
-    row = next(e for e in httpx.get(demo.url + "/admin/engines", timeout=10).json()["engines"]
-               if e["model"] == registry_model)
+    row = next(
+        e for e in httpx.get(demo.url + "/admin/engines", timeout=10).json()["engines"] if e["model"] == registry_model
+    )
     assert row["state"] == "ready" and row["last_error"] is None, row
     assert len(row["start_seconds"]) == 1, row  # started once, never restarted
     print(f"lm_eval on {name}: {LIMIT * CHOICES_PER_ITEM} requests, 8 concurrent, all 200, {elapsed:.1f} s")
