@@ -8,7 +8,8 @@
     await engine.stop()              # drain (bounded), SIGTERM the group, wait, SIGKILL
 
 An engine that exits while serving goes to ``failed``; the next ``ensure_ready`` restarts it after a
-backoff, and too many failures in a window is a crash loop that refuses starts for a while.
+backoff, and too many failures in a window is a crash loop that keeps it failed for a while
+(``engines/restarts.py``). Every failure message carries vLLM's root-cause line (``engines/rootcause.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,29 +30,16 @@ import httpx
 from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError
 from engines.fingerprint import AdapterReloadFailed, Fingerprints, WeightsMismatch, restore
 from engines.leftovers import EngineRecord, StateFile
-from engines.logtail import last_error_line as last_error_line  # re-exported: gateway/proxy.py uses it
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
+from engines.restarts import RestartPolicy as RestartPolicy  # re-exported: the manager configures it
+from engines.restarts import Restarts
+from engines.rootcause import root_cause
 from engines.state import EngineState, StateMachine, wait_event
 from engines.vllm import LaunchConfig, NotReady, VllmApi, build_argv, build_env
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """Backoff after failures, and what counts as a crash loop."""
-
-    base_backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    loop_failures: int = 3
-    loop_window_s: float = 300.0
-    stop_grace_s: float = 15.0
-    drain_timeout_s: float = 30.0
-
-    def backoff(self, failures: int) -> float:
-        return 0.0 if failures == 0 else min(self.max_backoff_s, self.base_backoff_s * 2 ** (failures - 1))
 
 
 def free_port() -> int:
@@ -83,7 +69,7 @@ class Engine:
         self.launch = launch
         self.client = client
         self.state_file = state_file
-        self.policy = policy or RestartPolicy()
+        self.restarts = Restarts(policy or RestartPolicy())
         self.sm = StateMachine(spec.name, [on_state] if on_state else None)
         self.process: EngineProcess | None = None
         self.port: int | None = None
@@ -99,7 +85,7 @@ class Engine:
         self.adapters: set[str] = set()
         self.adapter_paths: dict[str, str] = {}
         self.fingerprints = Fingerprints()
-        self.failures: deque[float] = deque(maxlen=16)
+        self.failures = self.restarts.failures
         self.last_error: EngineError | None = None
         self.last_used = 0.0
         self.ready_since: float | None = None
@@ -109,6 +95,14 @@ class Engine:
         self.vllm_version: str | None = None
 
     # --- views -----------------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> RestartPolicy:
+        return self.restarts.policy
+
+    @policy.setter
+    def policy(self, policy: RestartPolicy) -> None:
+        self.restarts.policy = policy
 
     @property
     def state(self) -> EngineState:
@@ -128,6 +122,10 @@ class Engine:
 
     def log_tail(self, n: int = 20) -> tuple[str, ...]:
         return self.process.last_lines(n) if self.process else ()
+
+    def failure_lines(self, n: int = 30) -> tuple[str, ...]:
+        """The log lines that explain a failure (exception lines, then the last ``n``), for :func:`root_cause`."""
+        return self.process.failure_lines(n) if self.process else ()
 
     def expected_start_s(self) -> float:
         """Measured mean start time (or a prior from the plan's size) for swap-cost decisions."""
@@ -159,34 +157,12 @@ class Engine:
 
     # --- start -------------------------------------------------------------------------------------
 
-    def _recent_failures(self) -> list[float]:
-        now = time.monotonic()
-        return [t for t in self.failures if now - t <= self.policy.loop_window_s]
-
     def check_backoff(self) -> None:
         """Raise :class:`CrashLoop` while a failed engine must not be started again yet."""
-        recent = self._recent_failures()
-        if not recent:
-            return
-        cause = self.last_error.message if self.last_error else "unknown cause"
-        tail = self.last_error.log_tail if self.last_error else ()
-        if len(recent) >= self.policy.loop_failures:
-            retry = recent[0] + self.policy.loop_window_s - time.monotonic()
-            raise CrashLoop(
-                f"model {self.name} failed {len(recent)} times in {self.policy.loop_window_s:.0f} s and is "
-                f"held back for {retry:.0f} s; last cause: {cause}",
-                model=self.name,
-                retry_after=max(1.0, retry),
-                log_tail=tail,
-            )
-        wait = recent[-1] + self.policy.backoff(len(recent)) - time.monotonic()
-        if wait > 0:
-            raise CrashLoop(
-                f"model {self.name} failed {wait:.1f} s ago and restarts after a backoff; last cause: {cause}",
-                model=self.name,
-                retry_after=max(1.0, wait),
-                log_tail=tail,
-            )
+        refusal = self.restarts.refusal(self.name)
+        if refusal is not None:
+            tail = self.last_error.log_tail if self.last_error else ()
+            raise CrashLoop(refusal.message, model=self.name, retry_after=refusal.retry_after, log_tail=tail)
 
     async def ensure_ready(self) -> None:
         """Make the engine ready: join a start in progress, wake it, or start it."""
@@ -240,7 +216,7 @@ class Engine:
             except Exception as e:  # a bug or an OS error: fail like any start failure, with backoff
                 await self._cleanup_process()
                 err = EngineStartError(f"model {self.name} failed to start: {type(e).__name__}: {e}",
-                                       model=self.name, log_tail=self.log_tail(30))
+                                       model=self.name, log_tail=self.failure_lines(30))
                 self._fail(err)
                 raise err from e
             except BaseException:
@@ -305,15 +281,20 @@ class Engine:
             if proc.returncode is not None or isinstance(e, NotReady):
                 with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
                     await asyncio.wait_for(proc.wait(), timeout=2.0)
-            tail = proc.last_lines(30)
-            why = f"; last log line: {last_error_line(tail)}" if tail else ""
+            tail = proc.failure_lines(30)
+            why = f"; cause: {root_cause(tail)}" if tail else ""
             raise EngineStartError(
                 f"model {self.name} failed to start: {e}{why}", model=self.name, log_tail=tail
             ) from e
 
-    def _fail(self, err: EngineError) -> None:
-        self.failures.append(time.monotonic())
+    def _fail(self, err: EngineError, *, serving: bool = False) -> None:
+        ready_for = time.monotonic() - self.ready_since if serving and self.ready_since is not None else None
+        loop = self.restarts.record(serving=serving, cause=err.message, ready_for=ready_for)
         self.last_error = err
+        if loop is not None:
+            self.last_error = CrashLoop(loop.describe(self.name, loop.hold_s), model=self.name,
+                                        retry_after=loop.hold_s, log_tail=err.log_tail)
+            log.error("%s", self.last_error.message)
         if self.state is not EngineState.FAILED:
             self.sm.swap(self.state, EngineState.FAILED)
 
@@ -321,15 +302,15 @@ class Engine:
         rc = await proc.wait()
         if self.process is not proc or self.state in (EngineState.STOPPING, EngineState.STOPPED, EngineState.FAILED):
             return
-        tail = proc.last_lines(30)
+        tail = proc.failure_lines(30)
         err = EngineCrashed(
             f"model {self.name}: the engine exited (code {rc}) while serving"
-            + (f"; last log line: {last_error_line(tail)}" if tail else ""),
+            + (f"; cause: {root_cause(tail)}" if tail else ""),
             model=self.name,
             log_tail=tail,
         )
         log.error("%s", err.message)
-        self._fail(err)
+        self._fail(err, serving=True)
         await self._cleanup_process()
 
     async def _cleanup_process(self) -> None:
@@ -406,7 +387,7 @@ class Engine:
                 return
             except (httpx.HTTPError, NotReady) as e:
                 err = EngineError(f"model {self.name}: wake from sleep failed: {e}", model=self.name,
-                                  log_tail=self.log_tail(30))
+                                  log_tail=self.failure_lines(30))
                 self._fail(err)
                 await self._cleanup_process()
                 raise err from e

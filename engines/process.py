@@ -22,9 +22,12 @@ import time
 from collections import deque
 from pathlib import Path
 
+from engines.rootcause import may_be_cause
+
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 200
+CAUSE_LINES = 20
 LOG_MAX_BYTES = 20 * 1024 * 1024
 
 
@@ -70,6 +73,8 @@ class EngineProcess:
         self.log_path = log_path
         self.cwd = cwd
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        # Exception lines, kept apart: a crash's cause can be followed by more than TAIL_LINES of noise.
+        self.causes: deque[str] = deque(maxlen=CAUSE_LINES)
         self.started_at = 0.0
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -111,17 +116,27 @@ class EngineProcess:
                 log_file.write(chunk)
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                self.tail.extend(line.decode(errors="replace").rstrip("\r") for line in lines)
+                for text in (line.decode(errors="replace").rstrip("\r") for line in lines):
+                    self.tail.append(text)
+                    if may_be_cause(text):
+                        self.causes.append(text)
                 if len(pending) > 65536:
                     self.tail.append(pending.decode(errors="replace"))
                     pending = b""
             if pending:
-                self.tail.append(pending.decode(errors="replace"))
+                text = pending.decode(errors="replace")
+                self.tail.append(text)
+                if may_be_cause(text):
+                    self.causes.append(text)
         finally:
             log_file.close()
 
     def last_lines(self, n: int = 20) -> tuple[str, ...]:
         return tuple(list(self.tail)[-n:])
+
+    def failure_lines(self, n: int = 30) -> tuple[str, ...]:
+        """What explains a failure: the exception lines seen so far, then the last ``n`` lines."""
+        return (*self.causes, *self.last_lines(n))
 
     async def wait(self) -> int:
         """Wait for exit and for the output to be fully drained."""

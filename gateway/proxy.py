@@ -17,6 +17,7 @@ gateway.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from engines.engine import Engine, last_error_line
+from engines.engine import Engine
 from engines.errors import EngineCrashed, EngineError
 from engines.process import EngineProcess
+from engines.rootcause import engine_dead, root_cause
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
 
@@ -44,6 +46,19 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 #: How long a dropped connection waits for the engine's exit before it is called a connection failure:
 #: the socket closes as the process dies, but its exit is reaped a moment later.
 EXIT_GRACE_S = 0.5
+#: How long an engine that answered "EngineCore encountered an issue" gets to exit (vLLM's API server shuts
+#: down once its EngineCore is dead), so that its log tail holds the traceback the client is told about.
+DEAD_GRACE_S = 3.0
+
+log = logging.getLogger(__name__)
+
+
+class EngineDead(Exception):
+    """The engine answered a 5xx saying that its EngineCore is dead (vLLM's ``EngineDeadError``)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the engine answered {status}: EngineCore encountered an issue")
+        self.status = status
 
 
 @dataclass
@@ -110,6 +125,7 @@ class Proxy:
     def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
         self.session = session
         self.metrics = metrics
+        self._explained: dict[str, int | None] = {}  # model -> the engine pid whose death was logged
 
     async def forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
         """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over."""
@@ -130,6 +146,8 @@ class Proxy:
             finally:
                 finish(upstream)
                 release()
+            if failure is None and engine_dead(upstream.status, body):
+                failure = EngineDead(upstream.status)
             if failure is not None:
                 return await self._fail(call, engine, failure)
             self._account_body(call, upstream.status, body)
@@ -221,19 +239,24 @@ class Proxy:
         )
 
     async def _engine_error(self, engine: Engine, e: Exception) -> EngineError:
-        """What the client is told: the engine exited (when its process is gone, or goes within
-        :data:`EXIT_GRACE_S` of a dropped connection), did not answer in time, or the connection failed."""
+        """What the client is told, with the root cause from the engine's log: the engine died (its
+        EngineCore is dead, or its process is gone or goes within :data:`EXIT_GRACE_S` of a dropped
+        connection), did not answer in time, or the connection failed. A death is logged once per process."""
         proc = engine.process
         timed_out = isinstance(e, TimeoutError)
         if proc is not None and not timed_out:
-            await exits_within(proc, EXIT_GRACE_S)
-        tail = engine.log_tail(30)
-        if proc is None or proc.returncode is not None:
-            return EngineCrashed(
-                f"model {engine.name}: the engine exited while serving this request"
-                + (f"; last log line: {last_error_line(tail)}" if tail else ""),
-                model=engine.name, log_tail=tail,
-            )
+            await exits_within(proc, DEAD_GRACE_S if isinstance(e, EngineDead) else EXIT_GRACE_S)
+        tail = engine.failure_lines(30)
+        cause = f"; cause: {root_cause(tail)}" if tail else ""
+        if isinstance(e, EngineDead) or proc is None or proc.returncode is not None:
+            what = "its EngineCore died" if isinstance(e, EngineDead) else "the engine exited"
+            err = EngineCrashed(f"model {engine.name}: {what} while serving this request{cause}",
+                                model=engine.name, log_tail=tail)
+            pid = proc.pid if proc is not None else None
+            if self._explained.get(engine.name) != pid:
+                self._explained[engine.name] = pid
+                log.error("%s", err.message)
+            return err
         if timed_out:
             return EngineError(f"model {engine.name}: the engine did not answer in time ({type(e).__name__})",
                                model=engine.name)
@@ -241,6 +264,7 @@ class Proxy:
                            model=engine.name)
 
     async def _fail(self, call: Call, engine: Engine, e: Exception) -> Response:
+        """A 502 (OpenAI error JSON) naming why the engine failed this call."""
         err = await self._engine_error(engine, e)
         self.metrics.observe_request(call.model, "502", time.perf_counter() - call.started)
         self.metrics.observe_error(call.model, "engine_failed")

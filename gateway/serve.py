@@ -21,7 +21,7 @@ from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Two tiny models cannot be resident together under this budget (each plans at about 1 GiB on the CPU).
+#: No two tiny models can be resident together under this budget (each plans at about 1 GiB on the CPU).
 DEMO_BUDGET_GIB = 1.5
 
 
@@ -50,47 +50,60 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     uvicorn.Server(config).run()
 
 
-def demo_registry(path: Path, *, models_dir: Path, executable: Path, adapters_dir: Path | None = None) -> Path:
-    """A registry of the tiny CPU models: two bases that cannot share the budget, one LoRA adapter.
+#: The demo's registry names: what each is for (the README and docs/recipes.md say the same).
+DEMO_CANDIDATE = "tiny-llama"  # alias candidate: answers, evals (loglikelihood batches included)
+DEMO_JUDGE = "tiny-llama-b"  # alias judge: grades, evals
+DEMO_LORA_BASE = "tiny-llama-lora"  # the same weights as tiny-llama, with LoRA enabled: serves tiny-lora
+DEMO_ADAPTER = "tiny-lora"
 
-    New adapter folders for ``tiny-llama`` dropped into ``adapters_dir`` (default: next to the registry)
-    are served by their folder name within seconds.
+#: vLLM 0.32's CPU LoRA path cannot run a batch of several sequences that ask for prompt logprobs:
+#: ``vllm/lora/punica_wrapper/punica_cpu.py`` ``add_lora_logits`` calls ``bgmv_shrink``
+#: (``vllm/lora/ops/torch_ops/lora_ops.py``), whose ``einsum("bi, boi -> bo")`` gets one row per prompt
+#: token but one LoRA per sequence, and the EngineCore dies ("subscript b has size 2 for operand 1 which
+#: does not broadcast with previously seen size 12"). One sequence per step makes the LoRA broadcast over
+#: that sequence's tokens, which is what it should apply to, so the LoRA engine runs them one at a time.
+DEMO_LORA_EXTRA_ARGS = ("--max-num-seqs", "1")
+
+
+def demo_registry(path: Path, *, models_dir: Path, executable: Path, adapters_dir: Path | None = None) -> Path:
+    """A registry of the tiny CPU models: two bases that cannot share the budget (``candidate``, ``judge``),
+    and ``tiny-llama-lora``, the candidate's weights with LoRA enabled, serving the adapter ``tiny-lora``.
+
+    LoRA lives on an engine of its own so that the candidate and the judge take any batch an eval sends.
+    New adapter folders dropped into ``adapters_dir`` (default: next to the registry) are served by their
+    folder name within seconds, on ``tiny-llama-lora``.
     """
     adapters_dir = adapters_dir or path.parent / "adapters"
     adapters_dir.mkdir(parents=True, exist_ok=True)
+
+    def tiny(name: str, folder: str, **more: Any) -> dict[str, Any]:
+        return {"name": name, **more, "source": str(models_dir / folder), "dtype": "float32", "max_model_len": 512,
+                "start_timeout_s": 180}
+
     data: dict[str, Any] = {
         "gpu": {"budget_gib": DEMO_BUDGET_GIB, "headroom_gib": 0.0, "platform": "cpu"},
         "vllm": {"executable": str(executable)},
         "scheduler": {"max_wait_s": 30, "max_queue": 256, "keepalive_s": 10},
         "models": [
+            tiny(DEMO_CANDIDATE, "tiny-llama", aliases=["candidate"]),
+            tiny(DEMO_JUDGE, "tiny-llama-b", aliases=["judge"]),
             {
-                "name": "tiny-llama",
-                "aliases": ["candidate"],
-                "source": str(models_dir / "tiny-llama"),
-                "dtype": "float32",
-                "max_model_len": 512,
-                "start_timeout_s": 180,
+                **tiny(DEMO_LORA_BASE, "tiny-llama"),
+                "extra_args": list(DEMO_LORA_EXTRA_ARGS),
                 "lora": {
                     "enabled": True,
                     "max_rank": 8,
                     "max_loras": 2,
-                    "adapters": {"tiny-lora": {"path": str(models_dir / "tiny-lora"), "rank": 8}},
+                    "adapters": {DEMO_ADAPTER: {"path": str(models_dir / "tiny-lora"), "rank": 8}},
                     "watch_dirs": [str(adapters_dir)],
                 },
-            },
-            {
-                "name": "tiny-llama-b",
-                "aliases": ["judge"],
-                "source": str(models_dir / "tiny-llama-b"),
-                "dtype": "float32",
-                "max_model_len": 512,
-                "start_timeout_s": 180,
             },
         ],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         "# The demo registry: tiny random-weight models built locally for a machine without a GPU.\n"
+        "# candidate and judge take any batch (evals included); tiny-llama-lora serves the LoRA adapters.\n"
         + yaml.safe_dump(data, sort_keys=False)
     )
     return path
@@ -117,6 +130,8 @@ def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = No
         f"  try:     curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         '             -d \'{"model": "candidate", "messages": [{"role": "user", "content": "Hello"}],'
         ' "max_tokens": 16}\'\n'
+        f"  names:   candidate ({DEMO_CANDIDATE}) and judge ({DEMO_JUDGE}): chat, judging, evals;\n"
+        f"           {DEMO_ADAPTER}: a LoRA adapter, served by {DEMO_LORA_BASE}\n"
         "  (the first request to a model starts its engine: about 20-40 s on a CPU)\n",
         flush=True,
     )

@@ -36,6 +36,14 @@ Variable (example)                  Effect
 ``STANDIN_OOM=1``                   after the start delay, print vLLM's CUDA out-of-memory error, exit 1
 ``STANDIN_CRASH_AFTER_TOKENS=5``    a request that has produced 5 tokens and needs a 6th kills the
                                     process with ``os._exit(1)`` (streams: 5 chunks reach the client)
+``STANDIN_DIE_IN_BATCH=8``          when 8 non-streaming inference requests are in flight at once, the
+                                    "EngineCore" dies as vLLM's does under a batch it cannot run: a
+                                    traceback ending in ``RuntimeError: einsum(): ...`` then 250 lines of
+                                    per-request tracebacks; every request in flight (and any later one)
+                                    is answered 500 ``EngineCore encountered an issue. See stack trace
+                                    (above) for the root cause.``; the process exits with code 0 a
+                                    second later (``vllm/entrypoints/launchers/launcher.py``,
+                                    ``terminate_if_errored``)
 ``STANDIN_HANG=0.5``                0.5 s after the port opens the process blocks for ever: no answer
                                     to anything (``/health`` too) and SIGTERM ignored; only SIGKILL
 ``STANDIN_IGNORE_SIGTERM=1``        SIGTERM does nothing, from the first instant
@@ -241,6 +249,7 @@ class Knobs:
     fail_start: str | None = None
     oom: bool = False
     crash_after_tokens: int | None = None
+    die_in_batch: int | None = None
     hang_after: float | None = None
     ignore_sigterm: bool = False
     slow_health: float = 0.0
@@ -280,11 +289,15 @@ class Knobs:
         crash_text = raw("STANDIN_CRASH_AFTER_TOKENS")
         if crash_text and not crash_text.isdigit():
             raise ValueError(f"STANDIN_CRASH_AFTER_TOKENS must be an integer >= 0, got {crash_text!r}")
+        batch_text = raw("STANDIN_DIE_IN_BATCH")
+        if batch_text and not (batch_text.isdigit() and int(batch_text) >= 1):
+            raise ValueError(f"STANDIN_DIE_IN_BATCH must be an integer >= 1, got {batch_text!r}")
         return cls(
             start_delay=seconds("STANDIN_START_DELAY") or 0.0,
             fail_start=message("STANDIN_FAIL_START", "Engine core initialization failed (stand-in)."),
             oom=flag("STANDIN_OOM"),
             crash_after_tokens=int(crash_text) if crash_text else None,
+            die_in_batch=int(batch_text) if batch_text else None,
             hang_after=seconds("STANDIN_HANG"),
             ignore_sigterm=flag("STANDIN_IGNORE_SIGTERM"),
             slow_health=seconds("STANDIN_SLOW_HEALTH") or 0.0,
@@ -694,6 +707,35 @@ def _crash(reason: str) -> NoReturn:
     os._exit(1)
 
 
+#: vLLM's ``EngineDeadError`` message (``vllm/v1/engine/exceptions.py``), served as a 500 by
+#: ``vllm/entrypoints/serve/exception_handling/handlers/vllm_error.py`` ``engine_error_handler``.
+ENGINE_DEAD_MESSAGE: Final = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+#: The root cause the EngineCore prints under ``STANDIN_DIE_IN_BATCH`` (the real CPU LoRA crash's shape).
+BATCH_DEATH_CAUSE: Final = ("RuntimeError: einsum(): subscript b has size {n} for operand 1 which does not "
+                            "broadcast with previously seen size {tokens} (stand-in)")
+
+
+def _die_in_batch(running: int, tokens: int) -> None:
+    """Print what vLLM prints when its EngineCore dies in a step, then exit 0 a second later."""
+    stamp = time.strftime("%m-%d %H:%M:%S")
+    core, api = f"(EngineCore pid={os.getpid()}) ERROR {stamp} [core.py:1512] ", f"(APIServer pid={os.getpid()}) "
+    lines = [f"{core}EngineCore encountered a fatal error.",
+             f"{core}Traceback (most recent call last):",
+             f'{core}  File "vllm/lora/ops/torch_ops/lora_ops.py", line 78, in bgmv_shrink',
+             f'{core}    outputs = torch.einsum("bi, boi -> bo", inputs, selected_loras)',
+             core + BATCH_DEATH_CAUSE.format(n=running, tokens=tokens),
+             f"{api}ERROR {stamp} [async_llm.py:906] AsyncLLM output_handler failed.",
+             f"{api}ERROR {stamp} [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: {ENGINE_DEAD_MESSAGE}"]
+    for request in range(running):  # vLLM logs a traceback per failed request: the cause scrolls far up
+        lines.append(f"{api}ERROR {stamp} [vllm_error.py:54] Engine Exception caught. Request id: cmpl-{request}")
+        lines += [f'{api}ERROR {stamp} [vllm_error.py:54]   File "fastapi/routing.py", line {n}, in app'
+                  for n in range(250 // max(1, running))]
+    lines.append("  warnings.warn('resource_tracker: There appear to be %d '")
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+    asyncio.get_running_loop().call_later(1.0, os._exit, 0)
+
+
 def _template(chunk: JSON, sentinel: str) -> tuple[bytes, bytes]:
     """Split an SSE chunk around the JSON string ``sentinel`` to splice pre-encoded text in."""
     head, found, tail = (b"data: " + orjson.dumps(chunk) + b"\n\n").partition(orjson.dumps(sentinel))
@@ -723,6 +765,7 @@ class StandInEngine:
         self.loras: dict[str, LoraModule] = {m.name: m for m in args.lora_modules}
         self.stats = Stats()
         self.sleep_level = 0
+        self.core_dead = False
         self.awake = asyncio.Event()
         self.awake.set()
         self.last_request: JSON = {}
@@ -948,6 +991,7 @@ class StandInEngine:
         """Non-streaming: wait as long as generating every token takes; False if the client left."""
         if not await run.prefill():
             return False
+        self._check_batch(job)
         limit = self.knobs.crash_after_tokens
         if limit is not None and job.max_tokens > limit:
             if limit > 1 and not await run.pause(self.knobs.token_delay * (limit - 1)):
@@ -955,6 +999,17 @@ class StandInEngine:
             run.check_crash(limit)
         rest = self.knobs.token_delay * (job.max_tokens - 1)
         return rest <= 0 or await run.pause(rest)
+
+    def _check_batch(self, job: _Job) -> None:
+        """``STANDIN_DIE_IN_BATCH``: die when the batch is full; once dead, fail every request."""
+        limit = self.knobs.die_in_batch
+        if limit is None:
+            return
+        if not self.core_dead and self.stats.running >= limit:
+            self.core_dead = True
+            _die_in_batch(self.stats.running, sum(len(seq.prompt.ids) for seq in job.seqs) * self.stats.running)
+        if self.core_dead:
+            raise ApiError(500, ENGINE_DEAD_MESSAGE, "InternalServerError")
 
     # -- completions -------------------------------------------------------------------------------
 

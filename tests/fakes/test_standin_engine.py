@@ -468,6 +468,32 @@ def test_crash_after_tokens(engines: list[Engine], tmp_path: Path) -> None:
     assert "EngineCore encountered a fatal error" in engine.stderr()
 
 
+def test_die_in_batch(engines: list[Engine], tmp_path: Path) -> None:
+    """A full batch kills the "EngineCore": every request in it gets vLLM's 500, the log names the
+    RuntimeError, the process exits 0; a smaller batch before it was served."""
+    engine = launch(tmp_path, env={"STANDIN_DIE_IN_BATCH": "3", "STANDIN_FIRST_TOKEN_DELAY": "0.3"})
+    engines.append(engine)
+    engine.wait_ready()
+
+    async def batch(n: int) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=engine.url, timeout=10) as http:
+            return list(await asyncio.gather(*(
+                http.post("/v1/completions", json={"prompt": f"q{i}", "max_tokens": 1, "echo": True, "logprobs": 1})
+                for i in range(n))))
+
+    assert [r.status_code for r in asyncio.run(batch(2))] == [200, 200]
+    answers = asyncio.run(batch(3))
+    assert [r.status_code for r in answers] == [500] * 3
+    assert all(r.json()["error"] == {"message": se.ENGINE_DEAD_MESSAGE, "type": "InternalServerError",
+                                     "param": None, "code": 500} for r in answers)
+    assert engine.proc.wait(5) == 0
+    log = engine.stderr().splitlines()
+    cause = next(i for i, line in enumerate(log) if "RuntimeError: einsum(): subscript b has size 3" in line)
+    assert len(log) - cause > 200  # the cause scrolls far up, as in the real log
+    with pytest.raises(ValueError, match="STANDIN_DIE_IN_BATCH must be an integer >= 1"):
+        se.Knobs.from_env({"STANDIN_DIE_IN_BATCH": "0"})
+
+
 def test_start_failures(engines: list[Engine], tmp_path: Path) -> None:
     failing = [
         launch(tmp_path / "fail", env={"STANDIN_FAIL_START": "ValueError: no kernel image for sm_89"}),

@@ -121,6 +121,9 @@ class FakeEngine:
     def log_tail(self, n: int = 20) -> tuple[str, ...]:
         return ("INFO starting", "ERROR boom")
 
+    def failure_lines(self, n: int = 30) -> tuple[str, ...]:
+        return self.log_tail(n)
+
 
 @dataclass
 class Slot:
@@ -329,7 +332,7 @@ async def test_a_dropped_connection_waits_briefly_for_the_engine_to_exit() -> No
         assert isinstance(resp, StreamingResponse)
         text = b"".join([bytes(c) async for c in resp.body_iterator])  # type: ignore[arg-type]
         assert text.startswith(b'data: {"choices":[{"text":"a"}]}\n\n')
-        assert b"model m: the engine exited while serving this request; last log line: ERROR boom" in text, text
+        assert b"model m: the engine exited while serving this request; cause: ERROR boom" in text, text
     async with Server(drop_at_once).running() as url, proxy() as p:
         err = error_of(await forward(p, url, engine=FakeEngine(url, process=FakeProcess(exits_after=0.1))))
         assert "the engine exited while serving this request" in err["message"], err

@@ -36,7 +36,7 @@ def engines(gw: GatewayProcess) -> dict[str, dict[str, object]]:
 
 def test_models_list_every_name(gateway: GatewayProcess) -> None:
     ids = {m.id for m in sdk(gateway).models.list()}
-    assert ids == {"tiny-llama", "candidate", "tiny-lora", "tiny-llama-b", "judge"}
+    assert ids == {"tiny-llama", "candidate", "tiny-llama-b", "judge", "tiny-llama-lora", "tiny-lora"}
 
 
 def test_chat_streamed_and_not(gateway: GatewayProcess) -> None:
@@ -93,7 +93,7 @@ def test_adapter_by_name_answers_differently(gateway: GatewayProcess) -> None:
     lora = client.completions.create(model="tiny-lora", prompt=prompt, max_tokens=8, temperature=0)
     assert lora.model == "tiny-lora"
     assert lora.choices[0].text != base.choices[0].text
-    assert "tiny-lora" in engines(gateway)["tiny-llama"]["adapters"]  # loaded at runtime, on first use
+    assert "tiny-lora" in engines(gateway)["tiny-llama-lora"]["adapters"]  # loaded at runtime, on first use
 
 
 def test_two_models_that_cannot_coreside_alternate(gateway: GatewayProcess) -> None:

@@ -11,10 +11,10 @@
 One gateway serves the module. The judge test runs first and leaves ``tiny-llama-b`` (``judge``) resident, which
 lm-eval then uses without another swap (each swap is 15-25 s on the CPU).
 
-lm-eval runs against ``tiny-llama-b``, not ``tiny-llama``: the demo registry enables LoRA on ``tiny-llama``, and
-vLLM 0.32's CPU build kills its EngineCore when several prompt-logprob requests share a batch on a LoRA-enabled
-engine ("einsum(): subscript b has size 3 for operand 1 which does not broadcast with previously seen size 17" in
-``_get_prompt_logprobs_dict`` -> ``compute_logits``; vLLM issues #16668, #29955).
+lm-eval runs against ``tiny-llama-b``, which the judge test left resident. (vLLM 0.32's CPU build kills a LoRA-enabled
+EngineCore when several prompt-logprob requests share a batch, "einsum(): subscript b has size 3 for operand 1 which
+does not broadcast with previously seen size 17" in ``_get_prompt_logprobs_dict`` -> ``compute_logits``; so the demo
+registry keeps LoRA on ``tiny-llama-lora`` and ``tests/real/test_demo_eval.py`` evaluates every demo model.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from tests.support import ROOT
 pytestmark = [pytest.mark.vllm]
 
 JUDGE_SCRIPT = ROOT / "examples" / "judge.py"
-LM_EVAL_MODEL = "tiny-llama-b"  # no LoRA on this engine; see the module docstring
+LM_EVAL_MODEL = "tiny-llama-b"  # resident after the judge test; see the module docstring
 TASK = "onecard_mc"
 
 # (question, choices, index of the right answer): 14 items x 4 choices = 56 loglikelihood requests.
