@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -31,11 +31,13 @@ import httpx
 
 from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError
 from engines.leftovers import EngineRecord, StateFile
+from engines.listener import port_owner
+from engines.logtail import last_error_line as last_error_line  # re-exported for the gateway
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
 from engines.state import EngineState, StateMachine, wait_event
-from engines.vllm import LaunchConfig, NotReady, VllmApi, build_argv, build_env
+from engines.vllm import LaunchConfig, NotReady, PortTaken, VllmApi, build_argv, build_env
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +229,8 @@ class Engine:
             try:
                 await self._launch_and_wait()
             except EngineStartError as e:
-                port_clash = any("address already in use" in line.lower() for line in e.log_tail)
+                port_clash = isinstance(e.__cause__, PortTaken) or any(
+                    "address already in use" in line.lower() for line in e.log_tail)
                 await self._cleanup_process()
                 if port_clash and attempt + 1 < attempts:
                     log.warning("engine %s: port %s was taken; retrying on another port", self.name, self.port)
@@ -288,12 +291,18 @@ class Engine:
                 tmpdir=str(tmpdir),
             )
         )
+        port, session = self.port, proc.pid
         try:
             await self.api.wait_ready(
                 served_name=self.name,
                 timeout_s=self.spec.start_timeout_s,
                 alive=lambda: proc.returncode is None,
+                owner=lambda: port_owner(port, session=session),
             )
+        except PortTaken as e:
+            proc.note(str(e))
+            raise EngineStartError(f"model {self.name} failed to start: {e}", model=self.name,
+                                   log_tail=proc.last_lines(30)) from e
         except (NotReady, TimeoutError) as e:
             if proc.returncode is not None or isinstance(e, NotReady):
                 with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
@@ -352,16 +361,22 @@ class Engine:
                 self.sm.swap(EngineState.FAILED, EngineState.STOPPED)
                 return
             self.sm.swap(state, EngineState.STOPPING)
-            timeout = self.policy.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-            if not await self.drained(timeout):
-                log.warning("engine %s: %d request(s) still in flight after %.0f s; stopping anyway",
-                            self.name, self.in_flight, timeout)
-            if self._watch_task is not None:
-                self._watch_task.cancel()
-            await self._cleanup_process()
-            self.sleep_level = 0
-            self.ready_since = None
-            self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
+            try:
+                timeout = self.policy.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+                if not await self.drained(timeout):
+                    log.warning("engine %s: %d request(s) still in flight after %.0f s; stopping anyway",
+                                self.name, self.in_flight, timeout)
+                if self._watch_task is not None:
+                    self._watch_task.cancel()
+                await self._cleanup_process()
+            except BaseException:  # never left `stopping` with a live process: kill it, then report
+                if self.process is not None:
+                    self.process.signal_group(signal.SIGKILL)
+                raise
+            finally:
+                self.sleep_level = 0
+                self.ready_since = None
+                self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
 
     async def sleep(self, level: int) -> None:
         async with self._lock:
@@ -419,40 +434,3 @@ class Engine:
                 return
             await self.api.unload_lora(name)
             self.adapters.discard(name)
-
-
-#: Lines that wrap the real cause ("See root cause above") and so say little on their own.
-_GENERIC = (
-    "root cause",
-    "see stack trace",
-    "engine core initialization failed",
-    "traceback (most recent",
-    "systemexit",
-)
-_ERRORISH = ("error", "exception", "out of memory", "illegal", "refused", "invalid", "unrecognized")
-_PREFIX = re.compile(r"^(\([^)]*\)\s+)?((ERROR|WARNING|INFO|CRITICAL)\s+\S+\s+\S+\s+\[[^\]]*\]\s*)?")
-_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b:?")
-_CODE = ("raise ", "file \"", "^", "return ", "~")
-
-
-def last_error_line(tail: tuple[str, ...]) -> str:
-    """The most telling line of a log tail: vLLM's own exception line, not a wrapper or a code line."""
-    lines = [_PREFIX.sub("", line).strip() for line in tail]
-    lines = [line for line in lines if line and not line.lower().startswith(_CODE)]
-
-    def telling(line: str) -> bool:
-        return not any(g in line.lower() for g in _GENERIC)
-
-    def errorish(line: str) -> bool:
-        return any(k in line.lower() for k in _ERRORISH)
-
-    picks: tuple[Callable[[str], bool], ...] = (
-        lambda ln: bool(_EXCEPTION.match(ln)) and telling(ln),
-        lambda ln: errorish(ln) and telling(ln),
-        errorish,
-    )
-    for pick in picks:
-        found = [line for line in lines if pick(line)]
-        if found:
-            return found[-1]
-    return lines[-1] if lines else ""
