@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,8 +125,23 @@ def _socket_inodes(pid: int, proc: Path) -> set[int]:
     return inodes
 
 
+def _accepts(port: int, timeout_s: float = 0.5) -> bool:
+    """Whether anything accepts a connection on ``127.0.0.1:port`` (a handshake; no byte is sent)."""
+    with socket.socket() as s:
+        s.settimeout(timeout_s)
+        try:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+        except OSError:
+            return False
+
+
 def port_owner(port: int, *, session: int, proc: Path = Path("/proc")) -> PortOwner:
-    """Split the listeners that take connections to ``127.0.0.1:port`` into the session's and others'."""
+    """Split the listeners that take connections to ``127.0.0.1:port`` into the session's and others'.
+
+    The socket tables cost tens of milliseconds to read on a busy host, so they are read only once
+    something accepts connections on the port."""
+    if not _accepts(port):
+        return PortOwner(port)
     listeners = _proc_listeners(port, proc / "net")
     if listeners is None:
         return _psutil_owner(port, session)

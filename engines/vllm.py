@@ -150,11 +150,14 @@ class VllmApi:
         another process does: a squatter never sees a request, not even ``/health``."""
         t0 = time.monotonic()
         deadline = t0 + timeout_s
+        owned = owner is None
         while True:
             if not alive():
                 raise NotReady("the engine process exited during start-up")
-            listening = await self._owned(owner) if owner is not None else True
-            if listening and await self.health(timeout_s=min(5.0, max(0.1, deadline - time.monotonic()))):
+            if not owned:
+                assert owner is not None
+                owned = await self._owned(owner)
+            if owned and await self.health(timeout_s=min(5.0, max(0.1, deadline - time.monotonic()))):
                 break
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no healthy /health within {timeout_s:.0f} s")
