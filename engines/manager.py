@@ -413,7 +413,7 @@ class EngineManager:
     async def release_lease(self, lease_id: str, *, reason: str = "released") -> Lease:
         lease = self.lease
         if lease is None or lease.lease_id != lease_id:
-            raise LeaseError(f"no active lease {lease_id!r}")
+            raise LeaseError(f"no active lease {lease_id[:64]!r}")
         self.lease = None
         self.reserved_gib = 0.0
         self.state_file.set_section("lease", None)
@@ -427,7 +427,7 @@ class EngineManager:
         """The holder is still there: the lease lasts another ``ttl_s``."""
         lease = self.lease
         if lease is None or lease.lease_id != lease_id:
-            raise LeaseError(f"no active lease {lease_id!r}")
+            raise LeaseError(f"no active lease {lease_id[:64]!r}")
         self.lease = lease = lease.renewed(self.wall_clock())
         self.state_file.set_section("lease", lease.as_dict())
         return lease
