@@ -10,8 +10,8 @@ is reported with the reason and never hides the others::
 
 The folders are untrusted (anyone in the lab may write there): files are read only when they are
 regular files of bounded size inside the watched folder (a FIFO, a device or a link out of the
-folder is refused unread), JSON nesting is bounded, and whatever goes wrong with one folder is that
-folder's problem, never the scan's.
+folder is refused unread), JSON nested past the interpreter's recursion limit is refused, and
+whatever goes wrong with one folder is that folder's problem, never the scan's.
 """
 
 from __future__ import annotations
