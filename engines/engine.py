@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -30,6 +31,7 @@ import httpx
 from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError
 from engines.fingerprint import AdapterReloadFailed, Fingerprints, WeightsMismatch, restore
 from engines.leftovers import EngineRecord, StateFile
+from engines.listener import port_owner
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
@@ -37,7 +39,7 @@ from engines.restarts import RestartPolicy as RestartPolicy  # re-exported: the 
 from engines.restarts import Restarts
 from engines.rootcause import root_cause
 from engines.state import EngineState, StateMachine, wait_event
-from engines.vllm import LaunchConfig, NotReady, VllmApi, build_argv, build_env
+from engines.vllm import LaunchConfig, NotReady, PortTaken, VllmApi, build_argv, build_env
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,8 @@ class Engine:
             try:
                 await self._launch_and_wait()
             except EngineStartError as e:
-                port_clash = any("address already in use" in line.lower() for line in e.log_tail)
+                port_clash = isinstance(e.__cause__, PortTaken) or any(
+                    "address already in use" in line.lower() for line in e.log_tail)
                 await self._cleanup_process()
                 if port_clash and attempt + 1 < attempts:
                     log.warning("engine %s: port %s was taken; retrying on another port", self.name, self.port)
@@ -269,14 +272,20 @@ class Engine:
                 tmpdir=str(tmpdir),
             )
         )
+        port, session = self.port, proc.pid
         try:
             await self.api.wait_ready(
                 served_name=self.name,
                 timeout_s=self.spec.start_timeout_s,
                 alive=lambda: proc.returncode is None,
+                owner=lambda: port_owner(port, session=session),
             )
             self.fingerprints = Fingerprints()  # what these weights answer, for proving later wakes
             await self.fingerprints.take(self.api, self.name)
+        except PortTaken as e:
+            proc.note(str(e))
+            raise EngineStartError(f"model {self.name} failed to start: {e}", model=self.name,
+                                   log_tail=proc.last_lines(30)) from e
         except (NotReady, TimeoutError) as e:
             if proc.returncode is not None or isinstance(e, NotReady):
                 with contextlib.suppress(TimeoutError):  # let the drain catch the last lines
@@ -340,16 +349,22 @@ class Engine:
                 self.sm.swap(EngineState.FAILED, EngineState.STOPPED)
                 return
             self.sm.swap(state, EngineState.STOPPING)
-            timeout = self.policy.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-            if not await self.drained(timeout):
-                log.warning("engine %s: %d request(s) still in flight after %.0f s; stopping anyway",
-                            self.name, self.in_flight, timeout)
-            if self._watch_task is not None:
-                self._watch_task.cancel()
-            await self._cleanup_process()
-            self.sleep_level = 0
-            self.ready_since = None
-            self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
+            try:
+                timeout = self.policy.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+                if not await self.drained(timeout):
+                    log.warning("engine %s: %d request(s) still in flight after %.0f s; stopping anyway",
+                                self.name, self.in_flight, timeout)
+                if self._watch_task is not None:
+                    self._watch_task.cancel()
+                await self._cleanup_process()
+            except BaseException:  # never left `stopping` with a live process: kill it, then report
+                if self.process is not None:
+                    self.process.signal_group(signal.SIGKILL)
+                raise
+            finally:
+                self.sleep_level = 0
+                self.ready_since = None
+                self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
 
     async def sleep(self, level: int) -> None:
         async with self._lock:

@@ -9,7 +9,8 @@
      │    └── CrashLoop              it failed too often; carries the cause and when to retry (503)
      ├── CapacityError               the plan cannot make it resident now (503, Retry-After)
      │    └── QueueFull              too many requests are already waiting for it (503, Retry-After)
-     └── LeaseError                  a GPU lease cannot be granted (409)
+     ├── LeaseError                  a GPU lease cannot be granted (409)
+     └── RunFolderBusy               another gateway holds the run folder (start-up refuses)
 """
 
 from __future__ import annotations
@@ -64,3 +65,7 @@ class QueueFull(CapacityError):
 
 class LeaseError(OnecardError):
     """A GPU lease cannot be granted or found."""
+
+
+class RunFolderBusy(OnecardError):
+    """Another gateway holds the run folder's lock (or it cannot be locked): this one must not start."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -29,8 +30,8 @@ from engines.adapters import FoundAdapter, scan_adapters
 from engines.engine import Engine, RestartPolicy
 from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, QueueFull
 from engines.gpu import GpuProbe
-from engines.leases import Lease
-from engines.leftovers import StateFile
+from engines.leases import DEFAULT_TTL_S, Lease, restorable
+from engines.leftovers import RunLock, StateFile
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Registry, Target
 from engines.scheduler import POLICIES, EngineView, idle_expired, victims_for_room
@@ -117,6 +118,7 @@ class EngineManager:
             run_dir=run_dir,
             card_total_gib=card_total_gib,
         )
+        self.run_lock = RunLock(run_dir)
         self.state_file = StateFile(run_dir / "state" / "engines.json")
         self.engines: dict[str, Engine] = {
             m.name: Engine(
@@ -146,6 +148,8 @@ class EngineManager:
         self._evicting: set[str] = set()
         self._swap_lock = asyncio.Lock()
         self.lease: Lease | None = None
+        self.lease_ttl_s = DEFAULT_TTL_S
+        self.wall_clock = time.time  # lease expiry is wall-clock time: it must hold across restarts
         self._lease_freed = asyncio.Event()
         self.discovered: dict[str, FoundAdapter] = {}
         self.adapter_problems: dict[str, str] = {}
@@ -154,20 +158,31 @@ class EngineManager:
     # --- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> list[int]:
-        """Kill leftovers of an earlier run, restore a live lease, start the owner task. Returns pids killed."""
+        """Lock the run folder, kill leftovers of an earlier run, restore a live lease, start the owner task.
+        Returns pids killed. Raises RunFolderBusy (and kills nothing) while another gateway uses the folder."""
+        try:
+            self.run_lock.acquire()
+        except OnecardError as e:
+            log.error("%s", e.message)
+            raise
         killed = await asyncio.to_thread(self.state_file.reap)
         saved = self.state_file.get_section("lease")
-        if isinstance(saved, dict):
-            lease = Lease.from_dict(saved)
-            if lease.holder_alive():
-                log.info("lease %s (%g GiB, pid %d) is still held: keeping it", lease.lease_id, lease.gib,
-                         lease.holder_pid)
-                self.lease, self.reserved_gib = lease, lease.gib
-            else:
-                log.info("lease %s ended while the gateway was down (holder %d is gone)", lease.lease_id,
-                         lease.holder_pid)
-                self.state_file.set_section("lease", None)
-        await self.rescan_adapters()
+        try:
+            lease, why = await asyncio.to_thread(restorable, saved, now=self.wall_clock())
+        except ValueError as e:
+            lease, why = None, ""
+            log.warning("state file %s: the saved lease is dropped: %s", self.state_file.path, e)
+        if why:
+            log.info("%s", why)
+        if lease is not None:
+            self.lease, self.reserved_gib = lease, lease.gib
+            self.state_file.set_section("lease", lease.as_dict())
+        elif saved is not None:
+            self.state_file.set_section("lease", None)
+        try:
+            await self.rescan_adapters()
+        except Exception:  # discovery never stops start-up; the watcher retries
+            log.exception("adapter scan failed")
         self._owner = asyncio.create_task(self._run(), name="engine-owner")
         for spec in self.registry.models:
             if spec.pinned:  # pinned models are meant to be there: load them now, not at first request
@@ -195,6 +210,8 @@ class EngineManager:
                     w.future.set_exception(CapacityError(f"the gateway is shutting down; {name} is unavailable",
                                                          model=name))
         await asyncio.gather(*(e.stop(drain_timeout_s=10) for e in self.engines.values()), return_exceptions=True)
+        self.state_file.flush()
+        self.run_lock.release()
 
     # --- the request path ---------------------------------------------------------------------------
 
@@ -348,8 +365,9 @@ class EngineManager:
     # --- GPU leases ---------------------------------------------------------------------------------
 
     async def grant_lease(self, *, gib: float | None, holder_pid: int, label: str = "", wait: bool = False,
-                          wait_timeout_s: float = 3600) -> Lease:
-        """Reserve ``gib`` (default: all usable) for a process outside the gateway; evict what must go."""
+                          wait_timeout_s: float = 3600, ttl_s: float | None = None) -> Lease:
+        """Reserve ``gib`` (default: all usable) for a process outside the gateway; evict what must go.
+        The lease ends ``ttl_s`` (default :attr:`lease_ttl_s`) after the last heartbeat."""
         usable = self.plan.usable_gib
         want = usable if gib is None else gib
         if want <= 0:
@@ -372,7 +390,8 @@ class EngineManager:
             await wait_event(self._lease_freed, max(0.1, deadline - time.monotonic()))
             if time.monotonic() >= deadline:
                 raise LeaseError("timed out waiting for the active lease to end")
-        lease = Lease.new(gib=want, holder_pid=holder_pid, label=label)
+        lease = Lease.new(gib=want, holder_pid=holder_pid, label=label, ttl_s=ttl_s or self.lease_ttl_s,
+                          now=self.wall_clock())
         async with self._swap_lock:
             if self.lease is not None:  # another lease was granted while this one waited for the lock
                 raise LeaseError(f"lease {self.lease.lease_id} was granted first; retry after it ends")
@@ -385,7 +404,7 @@ class EngineManager:
             for v in victims:
                 log.info("lease %s: evicting %s to free memory", lease.lease_id, v)
                 await self.engines[v].stop()
-        lease = Lease(**{**lease.__dict__, "evicted": tuple(victims)})
+        lease = dataclasses.replace(lease, evicted=tuple(victims)).renewed(self.wall_clock())
         self.lease = lease
         self.state_file.set_section("lease", lease.as_dict())
         self.events.lease_changed(True, want)
@@ -396,7 +415,7 @@ class EngineManager:
     async def release_lease(self, lease_id: str, *, reason: str = "released") -> Lease:
         lease = self.lease
         if lease is None or lease.lease_id != lease_id:
-            raise LeaseError(f"no active lease {lease_id!r}")
+            raise LeaseError(f"no active lease {lease_id[:64]!r}")
         self.lease = None
         self.reserved_gib = 0.0
         self.state_file.set_section("lease", None)
@@ -406,9 +425,22 @@ class EngineManager:
         self._kick.set()
         return lease
 
-    async def _check_lease_holder(self) -> None:
+    async def heartbeat_lease(self, lease_id: str) -> Lease:
+        """The holder is still there: the lease lasts another ``ttl_s``."""
         lease = self.lease
-        if lease is not None and not await asyncio.to_thread(lease.holder_alive):
+        if lease is None or lease.lease_id != lease_id:
+            raise LeaseError(f"no active lease {lease_id[:64]!r}")
+        self.lease = lease = lease.renewed(self.wall_clock())
+        self.state_file.set_section("lease", lease.as_dict())
+        return lease
+
+    async def _check_lease_holder(self) -> None:
+        if self.state_file.dirty:  # a failed write is retried here, once a tick
+            await asyncio.to_thread(self.state_file.flush)
+        lease = self.lease
+        if lease is not None and lease.expired(self.wall_clock()):
+            await self.release_lease(lease.lease_id, reason=f"no heartbeat for {lease.ttl_s:g} s")
+        elif lease is not None and not await asyncio.to_thread(lease.holder_alive):
             await self.release_lease(lease.lease_id, reason=f"holder pid {lease.holder_pid} is gone")
 
     # --- the owner task -----------------------------------------------------------------------------

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from engines.rootcause import may_be_cause
 
@@ -32,27 +35,74 @@ LOG_MAX_BYTES = 20 * 1024 * 1024
 
 
 class RotatingLog:
-    """Append-only log file that keeps one rotated predecessor (``.1``) past ``max_bytes``."""
+    """Append-only log file that keeps one rotated predecessor (``.1``) past ``max_bytes``.
 
-    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES) -> None:
+    Best effort: a write that fails (disk full, quota, a file-size limit, the folder gone) never
+    raises. The data is dropped and counted, the first failure is logged (once per file, however
+    often it recurs), and each later write tries again, so the log resumes by itself once the disk
+    has room::
+
+        log = RotatingLog(Path("logs/tiny.log"))
+        log.write(b"line\n")      # never raises
+        log.dropped_bytes         # what could not be written
+    """
+
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, *, name: str = "") -> None:
         self.path = path
         self.max_bytes = max_bytes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = path.open("ab")
+        self.name = name or path.stem
+        self.dropped_bytes = 0
+        self.failures = 0
+        self._fh: BinaryIO | None = None
+        self._size = 0
+        self._warned = False
+        self._attempt(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("ab", buffering=0)
         self._size = self._fh.tell()
 
+    def _attempt(self, action: Callable[[], None], size: int = 0) -> bool:
+        try:
+            action()
+        except OSError as e:
+            self.dropped_bytes += size
+            self.failures += 1
+            if not self._warned:
+                self._warned = True
+                log.warning("cannot write the log of engine %s (%s: %s); its output is still read and its last "
+                            "lines kept in memory; writing resumes when it can", self.name, self.path,
+                            e.strerror or e)
+            return False
+        return True
+
     def write(self, data: bytes) -> None:
+        self._attempt(lambda: self._write(data), len(data))
+
+    def _write(self, data: bytes) -> None:
+        if self._fh is None:
+            self._open()
+        assert self._fh is not None
         if self._size + len(data) > self.max_bytes:
             self._fh.close()
+            self._fh = None
             os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-            self._fh = self.path.open("ab")
-            self._size = 0
-        self._fh.write(data)
-        self._fh.flush()
-        self._size += len(data)
+            self._open()
+            assert self._fh is not None
+        view = memoryview(data)
+        while view:  # unbuffered: a short write past a size limit is finished here or fails here
+            written = self._fh.write(view)
+            if not written:
+                raise OSError(errno.EIO, "short write")
+            self._size += written
+            view = view[written:]
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            self._fh = None
 
 
 class EngineProcess:
@@ -78,6 +128,7 @@ class EngineProcess:
         self.started_at = 0.0
         self._proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._log: RotatingLog | None = None
 
     @property
     def pid(self) -> int | None:
@@ -88,7 +139,7 @@ class EngineProcess:
         return self._proc.returncode if self._proc else None
 
     async def spawn(self) -> None:
-        log_file = RotatingLog(self.log_path)
+        log_file = self._log = RotatingLog(self.log_path, name=self.name)
         log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.argv)}\n".encode())
         self.started_at = time.monotonic()
         try:
@@ -108,11 +159,26 @@ class EngineProcess:
             raise
         self._drain = asyncio.create_task(self._drain_output(log_file), name=f"drain-{self.name}")
 
+    def note(self, line: str) -> None:
+        """Add the supervisor's own line to the engine's log and tail (e.g. why a start was abandoned)."""
+        self.tail.append(line)
+        if self._log is not None:
+            self._log.write(f"onecard: {line}\n".encode())
+
     async def _drain_output(self, log_file: RotatingLog) -> None:
+        """Read the child's output until it closes, whatever happens to the log file: an undrained pipe
+        blocks the engine. Only reading ends this loop; the log file is best effort."""
         assert self._proc is not None and self._proc.stdout is not None
         pending = b""
         try:
-            while chunk := await self._proc.stdout.read(65536):
+            while True:
+                try:
+                    chunk = await self._proc.stdout.read(65536)
+                except (OSError, ValueError) as e:
+                    self.tail.append(f"onecard: reading the engine's output failed: {e}")
+                    return
+                if not chunk:
+                    break
                 log_file.write(chunk)
                 pending += chunk
                 *lines, pending = pending.split(b"\n")

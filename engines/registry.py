@@ -630,7 +630,7 @@ def _check_semantics(path: Path, reg: RegistryFile) -> tuple[list[str], list[str
         for a in m.aliases:
             claim(a, m.name, "aliases")
         for ad in m.lora.adapters:
-            if not re.match(NAME_PATTERN, ad):
+            if not re.fullmatch(NAME_PATTERN, ad):
                 problems.append(
                     f"{path}: model {m.name!r}: field 'lora.adapters': adapter name {ad!r} is not valid; "
                     "use letters, digits and . _ : - (no slashes)"

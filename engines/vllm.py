@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from engines.engine_args import engine_args
+from engines.listener import PortOwner
 from engines.planner import ModelPlan
 from engines.registry import ModelSpec, Platform, Registry
 
@@ -88,6 +89,10 @@ class NotReady(Exception):
     pass
 
 
+class PortTaken(NotReady):
+    """Another process listens on the engine's port: nothing may be sent there."""
+
+
 class VllmApi:
     """Calls to one engine's management endpoints over the shared client."""
 
@@ -113,19 +118,35 @@ class VllmApi:
             raise NotReady(f"1-token probe answered {r.status_code}: {r.text[:300]}")
 
     async def wait_ready(
-        self, *, served_name: str, timeout_s: float, alive: Callable[[], bool], poll_s: float = 0.02
+        self,
+        *,
+        served_name: str,
+        timeout_s: float,
+        alive: Callable[[], bool],
+        owner: Callable[[], PortOwner] | None = None,
+        poll_s: float = 0.02,
     ) -> float:
-        """Poll /health until 200, then probe. Returns seconds waited; raises TimeoutError or NotReady."""
+        """Poll /health until 200, then probe. Returns seconds waited; raises TimeoutError or NotReady.
+
+        With ``owner`` (who listens on the engine's port, :func:`engines.listener.port_owner`), nothing is
+        sent until the engine's own process listens there, and :class:`PortTaken` is raised as soon as
+        another process does: a squatter never sees a request, not even ``/health``."""
         t0 = time.monotonic()
         deadline = t0 + timeout_s
+        owned = owner is None
         while True:
             if not alive():
                 raise NotReady("the engine process exited during start-up")
-            if await self.health(timeout_s=min(5.0, max(0.1, deadline - time.monotonic()))):
+            if not owned:
+                assert owner is not None
+                owned = await self._owned(owner)
+            if owned and await self.health(timeout_s=min(5.0, max(0.1, deadline - time.monotonic()))):
                 break
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no healthy /health within {timeout_s:.0f} s")
             await asyncio.sleep(poll_s)
+        if owner is not None and not await self._owned(owner):
+            raise NotReady("the engine stopped listening on its port before the first request")
         remaining = max(1.0, deadline - time.monotonic())
         try:
             await self.probe(served_name, timeout_s=remaining)
@@ -134,6 +155,14 @@ class VllmApi:
                 raise NotReady("the engine process exited during the first request") from e
             raise NotReady(f"1-token probe failed: {e!r}") from e
         return time.monotonic() - t0
+
+    @staticmethod
+    async def _owned(owner: Callable[[], PortOwner]) -> bool:
+        """Whether the engine itself listens on its port; :class:`PortTaken` if anyone else does."""
+        found = await asyncio.to_thread(owner)
+        if found.foreign:
+            raise PortTaken(f"address already in use: {found.describe()}")
+        return found.owned
 
     async def version(self) -> str | None:
         try:

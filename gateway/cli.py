@@ -26,9 +26,10 @@ import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engines.registry import Registry
@@ -326,9 +327,14 @@ def _lease(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(cmd, env=env)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    done = threading.Event()
+    beats = threading.Thread(target=_heartbeats, args=(url, headers, lease, done), name="lease-heartbeat",
+                             daemon=True)
+    beats.start()
     try:
         rc = proc.wait()
     finally:
+        done.set()
         try:
             httpx.delete(f"{url}/admin/leases/{lease['id']}", headers=headers, timeout=30, trust_env=False)
         except httpx.HTTPError:
@@ -336,6 +342,28 @@ def _lease(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     print(f"onecard: lease {lease['id']} released", file=sys.stderr)
     return rc
+
+
+def _heartbeats(url: str, headers: dict[str, str], lease: dict[str, Any], done: threading.Event) -> None:
+    """Tell the gateway the lease's holder is still there, three times per TTL, until ``done``."""
+    import httpx
+
+    every = max(0.2, float(lease.get("ttl_s") or 60) / 3)
+    warned = False
+    while not done.wait(every):
+        try:
+            r = httpx.post(f"{url}/admin/leases/{lease['id']}/heartbeat", headers=headers, timeout=every,
+                           trust_env=False)
+        except httpx.HTTPError as e:
+            if not warned:
+                warned = True
+                print(f"warning: cannot reach the gateway for the lease heartbeat ({e}); retrying", file=sys.stderr)
+            continue
+        if r.status_code == 409:
+            print(f"warning: lease {lease['id']} has ended: {r.json().get('error', {}).get('message', r.text)}",
+                  file=sys.stderr)
+            return
+        warned = False
 
 
 # --- the one place subcommands are registered ---------------------------------------------------------------

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import PlainTextResponse, Response
 
+from engines.leases import MAX_TTL_S, MIN_TTL_S
 from gateway.context import Gateway
 from gateway.errors import BadRequest, UnknownModel
 
@@ -110,6 +111,9 @@ class LeaseRequest(BaseModel):
     pid: int = Field(gt=0, lt=2**31, description="the process holding the lease; it ends when that process exits")
     label: str = Field(default="", max_length=200)
     wait: bool = Field(default=False, description="wait for an active lease to end instead of failing")
+    ttl_s: float | None = Field(default=None, ge=MIN_TTL_S, le=MAX_TTL_S, allow_inf_nan=False,
+                                description="the lease ends this long after the last heartbeat "
+                                            "(POST /admin/leases/{id}/heartbeat); default 60 s")
 
 
 @router.post("/leases")
@@ -118,8 +122,16 @@ async def grant_lease(request: Request, body: LeaseRequest) -> Response:
     if not psutil.pid_exists(body.pid):
         raise BadRequest(f"no process has pid {body.pid}: a lease is held by a running process and ends with it",
                          param="pid")
-    lease = await gw.manager.grant_lease(gib=body.gib, holder_pid=body.pid, label=body.label, wait=body.wait)
+    lease = await gw.manager.grant_lease(gib=body.gib, holder_pid=body.pid, label=body.label, wait=body.wait,
+                                         ttl_s=body.ttl_s)
     return _json(lease.as_dict(), status=201)
+
+
+@router.post("/leases/{lease_id}/heartbeat")
+async def heartbeat_lease(request: Request, lease_id: str) -> Response:
+    """The holder is still there: the lease lasts another ``ttl_s``."""
+    lease = await _gw(request).manager.heartbeat_lease(lease_id)
+    return _json(lease.as_dict())
 
 
 @router.get("/leases")

@@ -16,7 +16,10 @@ Run it exactly like vLLM::
 Honoured flags: ``--host`` (default 127.0.0.1), ``--port`` (8000), ``--served-model-name`` (one or more;
 default the model argument), ``--max-model-len`` (default 8192; ``4k`` = 4000, ``4K`` = 4096),
 ``--enable-lora``, ``--lora-modules`` (``name=path`` or vLLM's JSON form), ``--max-lora-rank`` (16),
-``--enable-sleep-mode``. The port opens only when the engine is ready, as with vLLM.
+``--enable-sleep-mode``, ``--enable-log-requests`` and ``--max-log-len`` (each inference request logs
+vLLM's "Received request" line, and with ``VLLM_LOGGING_LEVEL=DEBUG`` its prompt too, written to stdout
+from the serving loop as vLLM does: an engine whose output is not read blocks). The port opens only when
+the engine is ready, as with vLLM.
 
 As in vLLM, ``/sleep``, ``/wake_up`` and ``/is_sleeping`` exist only with ``VLLM_SERVER_DEV_MODE=1``,
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` only with
@@ -330,6 +333,8 @@ class ServeArgs:
     lora_modules: tuple[LoraModule, ...] = ()
     max_lora_rank: int = 16
     enable_sleep_mode: bool = False
+    enable_log_requests: bool = False
+    max_log_len: int | None = None
     ignored: tuple[str, ...] = ()
 
     @property
@@ -376,6 +381,8 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
     serve.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[])
     serve.add_argument("--max-lora-rank", type=int, default=16)
     serve.add_argument("--enable-sleep-mode", action=argparse.BooleanOptionalAction, default=False)
+    serve.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False)
+    serve.add_argument("--max-log-len", type=int, default=None)
     ns, unknown = parser.parse_known_args(list(argv))
     model = ns.model_tag or ns.model
     if not model:
@@ -390,6 +397,8 @@ def parse_args(argv: Sequence[str]) -> ServeArgs:
         lora_modules=tuple(ns.lora_modules),
         max_lora_rank=ns.max_lora_rank,
         enable_sleep_mode=ns.enable_sleep_mode,
+        enable_log_requests=ns.enable_log_requests,
+        max_log_len=ns.max_log_len,
         ignored=tuple(unknown),
     )
 
@@ -978,6 +987,8 @@ class StandInEngine:
     async def _run(self, receive: Receive, send: Send, job: _Job,
                    body: Callable[[_Run], Awaitable[bool]]) -> None:
         self.stats.prompt_tokens += job.prompt_tokens
+        if self.args.enable_log_requests:
+            self._log_request(job)
         kv = sum(len(seq.prompt.ids) + job.max_tokens for seq in job.seqs)
         run = _Run(self, receive, kv)
         completed = False
@@ -986,6 +997,19 @@ class StandInEngine:
         finally:
             run.close(completed=completed, tokens=job.completion_tokens if completed else 0,
                       finish_reason=job.finish_reason)
+
+    def _log_request(self, job: _Job) -> None:
+        """vLLM's request log, written synchronously from the serving loop
+        (``vllm/entrypoints/serve/utils/request_logger.py``, ``RequestLogger.log_inputs``): the prompt
+        at DEBUG (cut to ``--max-log-len``), then the "Received request" line at INFO."""
+        where = "request_logger.py:65"
+        if os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() == "DEBUG":
+            for prompt in job.prompts:
+                text = prompt.text if self.args.max_log_len is None else prompt.text[: self.args.max_log_len]
+                _log("DEBUG", "request_logger.py:55", f"Request {job.request_id} details: prompt: {text!r}, "
+                     "prompt_token_ids: None, prompt_embeds shape: None.")
+        _log("INFO", where, f"Received request {job.request_id}: params: SamplingParams(n={len(job.seqs)}, "
+             f"temperature=1.0, max_tokens={job.max_tokens}), lora_request: None.")
 
     async def _generate_all(self, run: _Run, job: _Job) -> bool:
         """Non-streaming: wait as long as generating every token takes; False if the client left."""
