@@ -18,6 +18,7 @@ from engines.manager import EngineManager, ManagerEvents
 from engines.provenance import engine_record, header_value
 from engines.registry import Registry, Target
 from engines.state import EngineState
+from gateway.bodies import BodyParser
 from gateway.errors import Overloaded
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -101,6 +102,7 @@ class Gateway:
     manager: EngineManager
     proxy: Proxy
     admission: Admission = field(default_factory=Admission)
+    bodies: BodyParser = field(default_factory=lambda: BodyParser(256 * 1024))
     started_at: float = field(default_factory=time.time)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     _records: dict[str, tuple[tuple[str, str | None], dict[str, Any], str]] = field(default_factory=dict)

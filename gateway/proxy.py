@@ -9,17 +9,19 @@ The data path runs on aiohttp (its C parser reads an SSE event for a few microse
 httpx's reader spends 15-25; see benchmarks/README.md); the control plane (health, sleep/wake, LoRA,
 metrics) keeps httpx. Streams are relayed event by event, never buffered; when the client goes away,
 Starlette cancels the relay and ``finally`` closes the upstream connection, so the engine aborts the
-request too. When the gateway asked the engine for usage on its own account (to count tokens), the
-usage-only event is taken out again, so the client receives exactly what it would have without the
-gateway.
+request too; a non-stream request whose client hangs up is closed the same way. When the gateway
+asked the engine for usage on its own account (to count tokens), the usage-only event is taken out
+again, so the client receives exactly what it would have without the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import orjson
@@ -28,6 +30,7 @@ from starlette.responses import Response, StreamingResponse
 from engines.engine import Engine, last_error_line
 from engines.errors import EngineCrashed, EngineError
 from engines.process import EngineProcess
+from gateway.disconnect import ClientGone
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
 
@@ -111,8 +114,30 @@ class Proxy:
         self.session = session
         self.metrics = metrics
 
-    async def forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
-        """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over."""
+    async def forward(self, call: Call, engine: Engine, release: Callable[[], None], *,
+                      gone: asyncio.Future[None] | None = None) -> Response:
+        """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over.
+
+        ``gone`` (done when the client hangs up) ends a non-stream request early: the upstream request
+        is closed, so the engine aborts the generation, and :class:`ClientGone` is raised. A stream needs
+        none: Starlette cancels its relay when the client goes."""
+        if gone is None:
+            return await self._forward(call, engine, release)
+        work = asyncio.ensure_future(self._forward(call, engine, release))
+        both: set[asyncio.Future[Any]] = {work, gone}
+        try:
+            await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()  # closes the upstream connection: the engine aborts the request
+                with contextlib.suppress(BaseException):
+                    await work
+                release()
+        if work.cancelled():
+            raise ClientGone
+        return work.result()
+
+    async def _forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
         try:
             upstream = await self.session.post(engine.base_url + call.path, data=call.body,
                                                headers=REQUEST_HEADERS)
