@@ -11,7 +11,7 @@ make the gateway do before any key or route is checked.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import socket
 import threading
 import time
@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.gateway.test_faults import GatewayProcess, wait_for
+from tests.gateway.test_faults import GatewayProcess
 from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(180)
@@ -83,10 +83,8 @@ def send_until_refused(sock: socket.socket, head: bytes, filler: bytes, total: i
     except (BrokenPipeError, ConnectionResetError):
         pass
     sock.settimeout(10)
-    try:
+    with contextlib.suppress(OSError, TimeoutError):
         answer += sock.recv(65536)
-    except (OSError, TimeoutError):
-        pass
     return sent, answer
 
 
@@ -287,8 +285,9 @@ def test_a_cross_site_page_cannot_post_to_admin_or_the_api(keyless: ServerThread
 def test_a_simple_request_body_type_is_refused(keyless: ServerThread, content_type: str) -> None:
     """The body types a browser may send cross-site without a preflight are not JSON: 415, as vLLM
     refuses them; nothing reaches the engine."""
-    body = '{"model": "alpha", "prompt": "x", "max_tokens": 1}'
-    engine = keyless.gw.manager.engines["alpha"]
+    body = '{"model": "beta", "prompt": "x", "max_tokens": 1}'
+    assert httpx.post(f"{keyless.url}/admin/engines/beta/load", timeout=60).status_code == 200
+    engine = keyless.gw.manager.engines["beta"]
     before = httpx.get(f"{engine.base_url}/standin/stats").json()["requests"]
     r = httpx.post(f"{keyless.url}/v1/completions", content=body, headers={"Content-Type": content_type})
     assert r.status_code == 415, r.text
@@ -342,10 +341,8 @@ class Relay:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.listener.close()
@@ -390,5 +387,3 @@ def test_keys_configured_leave_hosts_alone(tmp_path: Path) -> None:
                                                              "Authorization": "Bearer a"})
         assert r.status_code == 200, r.text
 
-
-_ = os
