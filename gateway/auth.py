@@ -123,16 +123,19 @@ class KeyAuth:
 
     def browser_check(self, scope: Scope) -> APIError | None:
         """Refuse what a browser sends on behalf of a page of another origin than the allowed ones."""
-        origin = site = None
+        origin = site = mode = None
         for key, value in scope.get("headers", ()):
             if key == b"origin":
                 origin = value.decode("latin-1").strip().rstrip("/").lower()
             elif key == b"sec-fetch-site":
                 site = value.decode("latin-1").strip().lower()
+            elif key == b"sec-fetch-mode":
+                mode = value.decode("latin-1").strip().lower()
         if origin is not None and origin not in self.origins:
             return Forbidden(f"requests from web pages of origin {origin[:100]!r} are refused: the gateway is not "
                              "a browser API unless started with --cors-origin for that origin")
-        if origin is None and site in ("cross-site", "same-site"):
+        navigation = mode == "navigate" and scope["method"] in ("GET", "HEAD")  # the user follows a link
+        if origin is None and site in ("cross-site", "same-site") and not navigation:
             return Forbidden("requests a browser sends for another site are refused (Sec-Fetch-Site: "
                              f"{site}); start the gateway with --cors-origin for a web app that needs it")
         return None

@@ -163,6 +163,26 @@ def test_a_connection_that_sends_nothing_is_closed(served: GatewayProcess) -> No
     sock.close()
 
 
+def test_a_body_that_stops_arriving_is_cut_off(served: GatewayProcess) -> None:
+    sock = connect(served.port)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"model\": \"alpha\", ")
+    sock.settimeout(10)
+    t0 = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        assert sock.recv(4096) == b""
+    assert time.monotonic() - t0 < 8
+    sock.close()
+
+
+def test_a_link_followed_from_another_site_still_opens(served: GatewayProcess) -> None:
+    """A user who follows a link to the gateway (a navigation) is not a page acting on its own."""
+    r = httpx.get(served.url + "/v1/models", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+    assert r.status_code == 200, r.text
+    r = httpx.get(served.url + "/v1/models", headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"})
+    assert r.status_code == 403, r.text
+
+
 # --- item: large bodies are not parsed on the event loop -------------------------------------------------------
 
 
