@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from engines.adapters import FoundAdapter, scan_adapters
+from engines.deadlines import await_admission, queue_expired
 from engines.engine import Engine, RestartPolicy
 from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, QueueFull
 from engines.gpu import GpuProbe
@@ -34,7 +35,7 @@ from engines.leases import DEFAULT_TTL_S, Lease, restorable
 from engines.leftovers import RunLock, StateFile
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Registry, Target
-from engines.scheduler import POLICIES, EngineView, idle_expired, victims_for_room
+from engines.scheduler import POLICIES, EngineView, idle_expired, queue_bound_s, victims_for_room
 from engines.state import EngineState, wait_event
 from engines.vllm import LaunchConfig
 
@@ -146,6 +147,7 @@ class EngineManager:
         self._watcher: asyncio.Task[None] | None = None
         self._preload: list[asyncio.Task[None]] = []
         self._evicting: set[str] = set()
+        self._swapping: str | None = None  # the model the owner task is making resident
         self._swap_lock = asyncio.Lock()
         self.lease: Lease | None = None
         self.lease_ttl_s = DEFAULT_TTL_S
@@ -303,8 +305,14 @@ class EngineManager:
         return w
 
     async def wait(self, model: str, waiter: Waiter) -> Engine:
+        """Wait for the owner task to admit ``waiter``, at most :func:`queue_bound_s` (then CapacityError)."""
+        engine = self.engines[model]
         try:
-            await waiter.future
+            await await_admission(
+                waiter.future, since=waiter.since, bound_s=queue_bound_s(self.max_wait_s),
+                becoming_resident=lambda: engine.state is EngineState.STARTING or self._swapping == model,
+                expired=lambda waited: queue_expired(model, waited, max_wait_s=self.max_wait_s, in_flight={
+                    n: e.in_flight for n, e in self.engines.items() if n != model and e.in_flight}))
         except BaseException:
             q = self.queues[model]
             if waiter in q:
@@ -508,7 +516,11 @@ class EngineManager:
                 f"model {d.blocked} cannot be made resident now: {d.reason}{leased}",
                 model=d.blocked, retry_after=60 if self.lease else 3600))
         if d.load is not None:
-            await self._swap_in(d.load, d.evict, d.reason)
+            self._swapping = d.load
+            try:
+                await self._swap_in(d.load, d.evict, d.reason)
+            finally:
+                self._swapping = None
             self._kick.set()
             return
         await self._expire_idle(views)

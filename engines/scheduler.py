@@ -16,6 +16,9 @@ Rules, in order:
 4. Otherwise evict the cheapest set of unpinned victims that makes room, but only once each victim's
    own queue is empty (serve the resident queue first), unless the candidate's oldest request has
    waited past ``max_wait_s`` (no starvation). Victims are drained, then evicted when idle.
+5. A queued request waits at most :func:`queue_bound_s` (its own model's start aside); then it is
+   refused with Retry-After (``engines.deadlines``), so a long request on a victim delays it, but
+   never without bound.
 """
 
 from __future__ import annotations
@@ -155,6 +158,12 @@ def _cheapest_victims(
             keep.add(name)
             chosen.remove(name)
     return tuple(chosen)
+
+
+def queue_bound_s(max_wait_s: float) -> float:
+    """How long a queued request may wait before it is refused: ``max_wait_s`` until its swap is forced,
+    and as long again for the resident models to finish what they are doing (they take nothing new)."""
+    return 2.0 * max_wait_s
 
 
 def idle_expired(view: EngineView, ttl_s: float | None) -> bool:

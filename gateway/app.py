@@ -34,6 +34,7 @@ from engines.registry import Registry, load_registry
 from engines.state import EngineState
 from gateway.api import admin, openai
 from gateway.auth import KeyAuth
+from gateway.bodies import AdminBodyLimit, BodyParser
 from gateway.context import Admission, Gateway, MetricsEvents
 from gateway.errors import BadRequest, error_body, error_response
 from gateway.metrics import Metrics
@@ -126,8 +127,10 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
             engines.update(manager.engines)
             for name in manager.engines:
                 metrics.set_engine_state(name, EngineState.STOPPED.value)
+            bodies = BodyParser(settings.inline_parse_bytes)
+            stack.callback(bodies.close)
             gw = Gateway(settings=settings, registry=reg, client=client, session=session, metrics=metrics,
-                         manager=manager, proxy=Proxy(session, metrics), admission=Admission())
+                         manager=manager, proxy=Proxy(session, metrics), admission=Admission(), bodies=bodies)
             app.state.gw = gw
             version = asyncio.create_task(read_vllm_version(gw), name="vllm-version")
             stack.push_async_callback(cancel_all, [version])
@@ -165,6 +168,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
         body, content_type = await asyncio.to_thread(gw.metrics.render)
         return Response(body, media_type=content_type)
 
+    app.add_middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)
     app.add_middleware(KeyAuth, settings=settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],

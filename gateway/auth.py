@@ -1,15 +1,31 @@
-"""Optional bearer keys, as a small ASGI middleware in front of every route.
+"""Optional bearer keys, and what browsers and relays may not do, as a small ASGI middleware in front of
+every route.
 
 - ``/health`` is always open; ``/metrics`` is open unless ``metrics_public`` is off.
 - ``/admin/...`` needs an admin key; every other route needs an API key or an admin key.
 - With no keys at all, everything is open, except that admin routes answer only loopback clients.
 - Keys are compared in constant time and never logged.
+
+Browsers (a page the user visits may send requests to ``127.0.0.1:8000``):
+
+- A request let in without a key that carries an ``Origin`` not in ``cors_origins`` (``Origin: null``
+  included), or that a browser marks ``Sec-Fetch-Site: cross-site`` / ``same-site`` without an
+  allowed origin, is refused (403): a cross-site page can neither post to admin routes nor spend the
+  card on generations. A request with a valid key is vouched for by its key.
+- Trust given for a loopback address (every route when no keys are configured) also needs a local
+  ``Host`` (``localhost``, a loopback address, or this machine's name): a page that rebinds its own DNS
+  name to 127.0.0.1 sends its own name as ``Host`` (DNS rebinding) and is refused.
+- Keyless admin routes also refuse requests that say they were relayed (``Forwarded``,
+  ``X-Forwarded-For``, ``X-Forwarded-Host``, ``X-Real-IP``, ``Via``). A relay on this machine that adds
+  none of these and keeps a local ``Host`` cannot be told from a local client: configure keys before
+  putting one in front of the gateway.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import socket
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,6 +33,33 @@ from gateway.errors import APIError, Forbidden, Unauthorized, error_response
 from gateway.settings import Settings
 
 OPEN_PATHS = frozenset({"/health"})
+#: Headers by which a relay says it forwarded the request.
+FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-real-ip", b"via"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a bind address or ``Host`` name (port and brackets removed) means this machine only."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(value: str) -> str:
+    """The name of a ``Host`` header value, lower-cased, without port or IPv6 brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def local_names() -> frozenset[str]:
+    """Names by which a client on this machine may reach it over loopback (Debian maps its host name to
+    127.0.1.1), besides ``localhost`` and loopback addresses."""
+    name = socket.gethostname().lower()
+    return frozenset({name, name.split(".", 1)[0]})
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -56,18 +99,20 @@ class KeyAuth:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
+        self.origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins)
+        self.local_names = local_names()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self.settings.auth_enabled:
-            error: APIError | None = None
-            if scope["path"].startswith("/admin") and not _loopback(scope):
-                error = Forbidden("admin routes answer only on this machine while no admin key is configured; "
-                                  "set ONECARD_ADMIN_KEYS to use them from elsewhere")
+        if self.settings.auth_enabled:
+            key = _bearer(scope)
+            error = self.check(scope["path"], key)
+            if error is None and key is None:  # let in without a key: nothing vouches for the sender
+                error = self.browser_check(scope)
         else:
-            error = self.check(scope["path"], _bearer(scope))
+            error = self.browser_check(scope) or self.keyless_check(scope)
         if error is not None:
             resp = error_response(error)
             if isinstance(error, Unauthorized):
@@ -75,6 +120,50 @@ class KeyAuth:
             await resp(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+    def browser_check(self, scope: Scope) -> APIError | None:
+        """Refuse what a browser sends on behalf of a page of another origin than the allowed ones."""
+        origin = site = mode = None
+        for key, value in scope.get("headers", ()):
+            if key == b"origin":
+                origin = value.decode("latin-1").strip().rstrip("/").lower()
+            elif key == b"sec-fetch-site":
+                site = value.decode("latin-1").strip().lower()
+            elif key == b"sec-fetch-mode":
+                mode = value.decode("latin-1").strip().lower()
+        if origin is not None and origin not in self.origins:
+            return Forbidden(f"requests from web pages of origin {origin[:100]!r} are refused: the gateway is not "
+                             "a browser API unless started with --cors-origin for that origin")
+        navigation = mode == "navigate" and scope["method"] in ("GET", "HEAD")  # the user follows a link
+        if origin is None and site in ("cross-site", "same-site") and not navigation:
+            return Forbidden("requests a browser sends for another site are refused (Sec-Fetch-Site: "
+                             f"{site}); start the gateway with --cors-origin for a web app that needs it")
+        return None
+
+    def keyless_check(self, scope: Scope) -> APIError | None:
+        """With no keys, trust is by address: a loopback client with a local Host; admin routes take
+        nothing else, and nothing that says it was relayed."""
+        admin = scope["path"].startswith("/admin")
+        if not _loopback(scope):
+            if admin:
+                return Forbidden("admin routes answer only on this machine while no admin key is configured; "
+                                 "set ONECARD_ADMIN_KEYS to use them from elsewhere")
+            return None
+        host = relayed = None
+        for key, value in scope.get("headers", ()):
+            if key == b"host":
+                host = host_name(value.decode("latin-1"))
+            elif key in FORWARDING_HEADERS:
+                relayed = key.decode("latin-1")
+        if host is not None and not is_loopback_host(host) and host not in self.local_names:
+            return Forbidden(f"a request for host {host[:100]!r} reached this gateway over loopback, which only "
+                             "serves local names while no keys are configured (a page rebinding its DNS name "
+                             "looks like this); use http://127.0.0.1 or http://localhost, or set "
+                             "ONECARD_API_KEYS and ONECARD_ADMIN_KEYS")
+        if admin and relayed is not None:
+            return Forbidden(f"admin routes without a key answer only clients on this machine, and this request "
+                             f"was relayed ({relayed} header); set ONECARD_ADMIN_KEYS to use them through a proxy")
+        return None
 
     def check(self, path: str, key: str | None) -> APIError | None:
         s = self.settings

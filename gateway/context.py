@@ -18,6 +18,7 @@ from engines.manager import EngineManager, ManagerEvents
 from engines.provenance import engine_record, header_value
 from engines.registry import Registry, Target
 from engines.state import EngineState
+from gateway.bodies import BodyParser
 from gateway.errors import Overloaded
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -101,6 +102,7 @@ class Gateway:
     manager: EngineManager
     proxy: Proxy
     admission: Admission = field(default_factory=Admission)
+    bodies: BodyParser = field(default_factory=lambda: BodyParser(256 * 1024))
     started_at: float = field(default_factory=time.time)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     vllm_version: str | None = None  # read once from the executable at start; an engine's own report wins

@@ -13,6 +13,7 @@
           ├── Forbidden .................... 403 permission_error
           ├── UnknownModel ................. 404 model_not_found (lists valid names)
           ├── PayloadTooLarge .............. 413 request_too_large
+          ├── UnsupportedMediaType ......... 415 unsupported_media_type
           └── Overloaded ................... 429 rate_limit_error, Retry-After
 
 Every error reaches the client as ``{"error": {"message", "type", "param", "code"}}``. Given the
@@ -72,6 +73,11 @@ class UnknownModel(APIError):
 class PayloadTooLarge(APIError):
     status = 413
     code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class Overloaded(APIError):

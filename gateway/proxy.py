@@ -9,9 +9,9 @@ The data path runs on aiohttp (its C parser reads an SSE event for a few microse
 httpx's reader spends 15-25; see benchmarks/README.md); the control plane (health, sleep/wake, LoRA,
 metrics) keeps httpx. Streams are relayed event by event, never buffered; when the client goes away,
 Starlette cancels the relay and ``finally`` closes the upstream connection, so the engine aborts the
-request too. When the gateway asked the engine for usage on its own account (to count tokens), the
-usage-only event is taken out again, so the client receives exactly what it would have without the
-gateway.
+request too; a non-stream request whose client hangs up is closed the same way. When the gateway
+asked the engine for usage on its own account (to count tokens), the usage-only event is taken out
+again, so the client receives exactly what it would have without the gateway.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from engines.engine import Engine
 from engines.errors import EngineCrashed, EngineError
 from engines.process import EngineProcess
 from engines.rootcause import engine_dead, root_cause
+from gateway.disconnect import ClientGone
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
 
@@ -127,8 +128,39 @@ class Proxy:
         self.metrics = metrics
         self._explained: dict[str, int | None] = {}  # model -> the engine pid whose death was logged
 
-    async def forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
-        """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over."""
+    async def forward(self, call: Call, engine: Engine, release: Callable[[], None], *,
+                      gone: asyncio.Future[None] | None = None) -> Response:
+        """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over.
+
+        ``gone`` (done when the client hangs up) ends a non-stream request early: the upstream request
+        is closed, so the engine aborts the generation, and :class:`ClientGone` is raised. A stream needs
+        none: Starlette cancels its relay when the client goes."""
+        if gone is None:
+            return await self._forward(call, engine, release)
+        # Cancel this task if the client hangs up meanwhile (a callback, not a second task: one task more
+        # per request doubled the gateway's latency under uvloop). ``watching`` keeps a callback that was
+        # already scheduled from cancelling anything once the answer is in.
+        task = asyncio.current_task()
+        assert task is not None
+        watching = True
+
+        def hung_up(_: asyncio.Future[None]) -> None:
+            if watching:
+                task.cancel()
+
+        gone.add_done_callback(hung_up)
+        try:
+            return await self._forward(call, engine, release)
+        except asyncio.CancelledError:
+            if gone.done() and task.uncancel() == 0:  # our cancel, and nobody else's: the client left
+                release()  # the upstream request is closed: cancelling it closed the connection
+                raise ClientGone from None
+            raise
+        finally:
+            watching = False
+            gone.remove_done_callback(hung_up)
+
+    async def _forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
         try:
             upstream = await self.session.post(engine.base_url + call.path, data=call.body,
                                                headers=REQUEST_HEADERS)

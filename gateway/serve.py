@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 import yaml
+from starlette.types import ASGIApp
 
+from gateway.auth import is_loopback_host
+from gateway.http_guard import ClientLimits, guarded_protocol
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,15 +33,12 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def serve(settings: Settings, *, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get a grace period, then every engine stops."""
-    import uvicorn
-
-    from gateway.app import create_app
-
-    configure_logging(log_level.upper())
-    app = create_app(settings)
-    config = uvicorn.Config(
+def server_config(app: ASGIApp, settings: Settings, *, log_level: str = "info") -> uvicorn.Config:
+    """How the gateway is served: uvloop, uvicorn's httptools protocol with the client limits of
+    :mod:`gateway.http_guard` (head size, count and deadline, body progress, stalled readers)."""
+    limits = ClientLimits(max_head_bytes=settings.max_head_bytes, max_headers=settings.max_headers,
+                          timeout_s=settings.client_timeout_s)
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -45,9 +46,29 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         timeout_graceful_shutdown=30,
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(limits),
     )
-    uvicorn.Server(config).run()
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """What to warn about when the gateway is reachable from other machines with no keys."""
+    if settings.auth_enabled or is_loopback_host(settings.host):
+        return None
+    return (f"serving on {settings.host} with no keys: anyone who can reach port {settings.port} can use every "
+            "model (admin routes stay limited to this machine); set ONECARD_API_KEYS and ONECARD_ADMIN_KEYS, "
+            "or bind 127.0.0.1 behind a proxy that authenticates")
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get a grace period, then every engine stops."""
+    from gateway.app import create_app
+
+    configure_logging(log_level.upper())
+    warning = exposure_warning(settings)
+    if warning:
+        log.warning("%s", warning)
+    app = create_app(settings)
+    uvicorn.Server(server_config(app, settings, log_level=log_level)).run()
 
 
 #: The demo's registry names: what each is for (the README and docs/recipes.md say the same).

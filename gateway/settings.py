@@ -38,6 +38,15 @@ class Settings:
     metrics_public: bool = True
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
+    max_admin_body_bytes: int = 64 * 1024
+    #: Bodies up to this size are parsed on the event loop (orjson: at most a few ms); larger ones in a
+    #: worker process, so that no client's body can stall the others' streams.
+    inline_parse_bytes: int = 256 * 1024
+    max_head_bytes: int = 64 * 1024
+    max_headers: int = 100
+    #: How long a client may take to send its request head, pause while sending a body, or leave a
+    #: response unread, before its connection is closed (see gateway.http_guard).
+    client_timeout_s: float = 30.0
     upstream_connect_timeout_s: float = 10.0
     upstream_read_timeout_s: float = 900.0
     max_connections: int = 2048
@@ -47,11 +56,21 @@ class Settings:
 
     @classmethod
     def from_env(cls, registry_path: Path, **overrides: object) -> Settings:
-        """Keys from ``ONECARD_API_KEYS`` / ``ONECARD_ADMIN_KEYS`` (comma list or ``@file``)."""
+        """Keys from ``ONECARD_API_KEYS`` / ``ONECARD_ADMIN_KEYS`` (comma list or ``@file``), the client
+        timeout from ``ONECARD_CLIENT_TIMEOUT_S``."""
         base: dict[str, object] = {
             "api_keys": read_keys(os.environ.get("ONECARD_API_KEYS")),
             "admin_keys": read_keys(os.environ.get("ONECARD_ADMIN_KEYS")),
         }
+        timeout = os.environ.get("ONECARD_CLIENT_TIMEOUT_S")
+        if timeout:
+            try:
+                seconds = float(timeout)
+            except ValueError:
+                seconds = float("nan")
+            if not seconds > 0:
+                raise ValueError(f"ONECARD_CLIENT_TIMEOUT_S={timeout!r}: set it to a number of seconds above 0")
+            base["client_timeout_s"] = seconds
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(registry_path=registry_path, **base)  # type: ignore[arg-type]
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -23,8 +21,10 @@ from engines.engine import Engine
 from engines.errors import OnecardError
 from engines.manager import Waiter
 from engines.registry import Target
+from gateway.bodies import check_json_type, read_body
 from gateway.context import Gateway
-from gateway.errors import BadRequest, PayloadTooLarge, UnknownModel, classify, error_response, sse_error_event
+from gateway.disconnect import ClientGone, DisconnectWatch
+from gateway.errors import UnknownModel, classify, error_response, sse_error_event
 from gateway.proxy import SSE_HEADERS, Call
 
 router = APIRouter()
@@ -52,45 +52,7 @@ def gw_of(request: Request) -> Gateway:
     return gw
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the limit of {limit} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json(body: bytes) -> tuple[dict[str, Any], bool]:
-    """The request's JSON object, and whether it took Python's lenient parser: what orjson refuses and
-    vLLM's own parser takes (NaN, lone surrogates, integers past 64 bits) must reach the engine as sent."""
-    if not body:
-        raise BadRequest("the request body is empty; send a JSON object with at least 'model'")
-    lenient = False
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        lenient = True
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise BadRequest("the request body is not valid JSON: it is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise BadRequest(f"the request body must be a JSON object, not {type(data).__name__}")
-    return data, lenient
-
-
-def resolve(gw: Gateway, data: dict[str, Any]) -> Target:
-    name = data.get("model")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("'model' is required and must be a non-empty string", param="model")
+def resolve(gw: Gateway, name: str) -> Target:
     target = gw.resolve(name)
     if target is None:
         valid = sorted(gw.model_names())
@@ -99,29 +61,18 @@ def resolve(gw: Gateway, data: dict[str, Any]) -> Target:
     return target
 
 
-def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Call, Target]:
-    data, lenient = parse_json(body)
-    target = resolve(gw, data)
-    stream = data.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise BadRequest("'stream' must be a boolean", param="stream")
-    stream = bool(stream)
-    changed = False
-    if data["model"] != target.served_name:
-        data["model"] = target.served_name
-        changed = True
-    strip_usage = False
-    if stream and usage:
-        opts = data.get("stream_options")
-        if opts is None:
-            data["stream_options"] = {"include_usage": True}
-            strip_usage = changed = True
-        elif isinstance(opts, dict) and not opts.get("include_usage"):
-            opts["include_usage"] = True
-            strip_usage = changed = True
-    payload = (json.dumps(data).encode() if lenient else orjson.dumps(data)) if changed else body
-    call = Call(path=path, body=payload, model=target.model.name, stream=stream, strip_usage=strip_usage,
-                extra_headers=gw.response_headers(target.model.name))
+async def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Call, Target]:
+    def served(name: str) -> str | None:
+        target = gw.resolve(name)
+        return None if target is None else target.served_name
+
+    def served_names() -> dict[str, str]:
+        return {n: s for n in gw.model_names() if (s := served(n)) is not None}
+
+    parsed = await gw.bodies.prepare(body, served, served_names, usage=usage)
+    target = resolve(gw, parsed.model)
+    call = Call(path=path, body=parsed.payload, model=target.model.name, stream=parsed.stream,
+                strip_usage=parsed.strip_usage, extra_headers=gw.response_headers(target.model.name))
     return call, target
 
 
@@ -129,34 +80,46 @@ async def handle(request: Request, path: str, *, usage: bool = True) -> Response
     gw = gw_of(request)
     started = time.perf_counter()
     model_label = "_unknown"
+    watch = DisconnectWatch(request.receive)
     try:
+        check_json_type(request.headers.get("content-type"))
         body = await read_body(request, gw.settings.max_body_bytes)
-        call, target = build_call(gw, path, body, usage=usage)
+        call, target = await build_call(gw, path, body, usage=usage)
         call.started = started
         model_label = call.model
-        return await dispatch(gw, call, target)
+        return await dispatch(gw, call, target, watch)
     except OnecardError as e:
         resp = error_response(e, plan=gw.manager.plan)
         gw.metrics.observe_request(model_label, str(resp.status_code), time.perf_counter() - started)
         gw.metrics.observe_error(model_label, classify(e)[2] or "error")
         return resp
-    except ClientDisconnect:  # the client left while sending its body: nobody to answer
+    except (ClientDisconnect, ClientGone):  # the client left: nobody to answer
         gw.metrics.observe_request(model_label, "499", time.perf_counter() - started)
         return Response(status_code=499)
+    finally:
+        watch.close()
 
 
-async def dispatch(gw: Gateway, call: Call, target: Target) -> Response:
-    """Get a slot on the engine (waiting through a swap if needed), then forward."""
+async def dispatch(gw: Gateway, call: Call, target: Target, watch: DisconnectWatch) -> Response:
+    """Get a slot on the engine (waiting through a swap if needed, while the client is there), then forward."""
     manager = gw.manager
-    await gw.admission.acquire()
+    if gw.admission.limit is None:
+        await gw.admission.acquire()
+    else:
+        await watch.race(gw.admission.acquire(), undo=lambda _: gw.admission.release())
     try:
         engine = manager.try_acquire(call.model)
         if engine is None:
             waiter = manager.enqueue(call.model)
+            task = asyncio.ensure_future(manager.wait(call.model, waiter))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved whoever awaits it
             if call.stream:
-                task = asyncio.ensure_future(manager.wait(call.model, waiter))
-                done, _ = await asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s)
-                if not done:
+                try:
+                    await watch.race(asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s))
+                except BaseException:
+                    cancel_wait(gw, call.model, task)
+                    raise
+                if not task.done():
                     gw.admission.release()
                     return StreamingResponse(
                         waiting_stream(gw, call, target, task, waiter),
@@ -165,14 +128,29 @@ async def dispatch(gw: Gateway, call: Call, target: Target) -> Response:
                     )
                 engine = task.result()
             else:
-                engine = await manager.wait(call.model, waiter)
+                try:
+                    engine = await watch.race(asyncio.shield(task))
+                except BaseException:
+                    cancel_wait(gw, call.model, task)
+                    raise
     except BaseException:
         gw.admission.release()
         raise
-    return await forward(gw, call, target, engine, release_admission=True)
+    return await forward(gw, call, target, engine, release_admission=True,
+                         gone=None if call.stream else watch.gone)
 
 
-async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, release_admission: bool) -> Response:
+def cancel_wait(gw: Gateway, model: str, task: asyncio.Future[Engine]) -> None:
+    """Stop waiting for a slot; one granted meanwhile is given back."""
+    if task.done():
+        if not task.cancelled() and task.exception() is None:
+            gw.manager.release(task.result())
+        return
+    task.cancel()  # manager.wait leaves the queue, or gives back a slot granted as it was cancelled
+
+
+async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, release_admission: bool,
+                  gone: asyncio.Future[None] | None = None) -> Response:
     released = False
 
     def release() -> None:
@@ -188,7 +166,7 @@ async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, re
     try:
         if target.adapter is not None:
             await engine.ensure_adapter(target.adapter, gw.adapter_path(target))
-        return await gw.proxy.forward(call, engine, release)
+        return await gw.proxy.forward(call, engine, release, gone=gone)
     except BaseException:
         release()
         raise

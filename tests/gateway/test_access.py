@@ -224,7 +224,8 @@ async def test_admin_routes_answer_only_loopback_when_no_key_is_configured(tmp_p
     guarded = KeyAuth(app, Settings(registry_path=tmp_path / "r.yaml"))
     for client, status in ((("10.1.2.3", 5000), 403), (("127.0.0.1", 5000), 200), (("::1", 5000), 200)):
         transport = httpx.ASGITransport(app=guarded, client=client)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        # a local Host: over loopback, another name is what DNS rebinding looks like (test_hardening_http)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
             r = await c.get("/admin/engines")
             assert r.status_code == status, (client, r.text)
             if status == 403:
