@@ -1,0 +1,235 @@
+"""The console in a real headless Chromium (Debian's ``chromium``, driven by Playwright's Python client),
+in front of ``onecard serve`` subprocesses with stand-in engines.
+
+Skips, saying why, only where the ``chromium`` executable is missing. Saves the page at a desktop and a
+laptop width under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.gateway.test_faults import GatewayProcess
+from tests.support import ROOT, standin_executable, standin_model, write_registry
+
+pytestmark = pytest.mark.timeout(240)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("the chromium executable is not installed (Debian: apt-get install chromium)", allow_module_level=True)
+
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
+
+ADMIN_KEY = "sk-admin-console-8c41e07d93b2"
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = {"desktop": (1440, 900), "laptop": (1280, 800)}
+
+
+def write_adapter(folder: Path, *, base: str, rank: int = 8) -> None:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base,
+                                                            "r": rank, "target_modules": ["q_proj", "v_proj"]}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+
+
+def console_registry(tmp: Path) -> Path:
+    """alpha and beta cannot share the 1.5 GiB budget, so asking for one evicts the other."""
+    watch = tmp / "adapters"
+    write_adapter(watch / "alpha-tuesday-r8", base="standin/alpha")
+    write_adapter(watch / "alpha-r64", base="standin/alpha", rank=64)
+    models = [
+        standin_model("alpha", aliases=["candidate"], lora={"enabled": True, "max_rank": 16, "watch_dirs": [str(watch)]}),
+        standin_model("beta", aliases=["judge"]),
+    ]
+    return write_registry(tmp / "reg.yaml", models, executable=standin_executable(tmp), budget_gib=1.5,
+                          scheduler={"max_wait_s": 30, "max_queue": 64, "keepalive_s": 0.5})
+
+
+class Gateway(GatewayProcess):
+    """``onecard serve`` with the admin key set, restartable on the same port."""
+
+    def __init__(self, tmp: Path, *, port: int | None = None) -> None:
+        super().__init__(console_registry(tmp) if not (tmp / "reg.yaml").exists() else tmp / "reg.yaml",
+                         tmp / "run", env={"ONECARD_ADMIN_KEYS": ADMIN_KEY})
+        if port is not None:
+            self.port = port
+            self.url = f"http://127.0.0.1:{port}"
+            self.argv[self.argv.index("--port") + 1] = str(port)
+
+    def admin(self, method: str, path: str) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+
+    def state(self, model: str) -> str:
+        rows = self.admin("GET", "/admin/engines").json()["engines"]
+        return str(next(r["state"] for r in rows if r["model"] == model))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    gw = Gateway(tmp_path).start()
+    try:
+        yield gw
+    finally:
+        gw.close()
+
+
+class Tab:
+    """One page, with every console message and page error it produced."""
+
+    def __init__(self, browser: Browser, url: str, size: tuple[int, int] = SIZES["desktop"]) -> None:
+        self.page: Page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        self.errors: list[str] = []
+        self.page.on("console", self._console)
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.goto(url + "/")
+        self.page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+
+    def _console(self, msg: ConsoleMessage) -> None:
+        if msg.type in ("error", "warning"):
+            self.errors.append(f"{msg.type}: {msg.text}")
+
+    def engine_state(self, model: str) -> str | None:
+        loc = self.page.locator(f"tbody.engine[data-model='{model}']")
+        return loc.get_attribute("data-state") if loc.count() else None
+
+    def close(self) -> None:
+        self.page.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> float:
+    """Poll ``predicate`` until true; return the seconds it took."""
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def complete(url: str, model: str) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}, timeout=60)
+
+
+def test_loads_clean_and_shows_a_swap_within_two_seconds(browser: Browser, gateway: Gateway) -> None:
+    assert complete(gateway.url, "alpha").status_code == 200
+    tab = Tab(browser, gateway.url)
+    assert tab.errors == [], tab.errors  # nothing on load: no failed fetch, no script error, no CSP refusal
+    assert tab.engine_state("alpha") == "ready" and tab.engine_state("beta") == "stopped"
+    assert tab.page.locator("#timeline li[data-model='alpha']").count() == 1
+    # The card, the adapters and the usage section read what the gateway reports.
+    assert tab.page.locator("#bar .seg.resident[data-model='alpha']").count() == 1
+    assert "alpha-tuesday-r8" in tab.page.inner_text("#adapters")
+    assert "above alpha's lora.max_rank (16)" in tab.page.inner_text("#adapters")
+    assert "no users file" in tab.page.inner_text("#usage")
+    flags = tab.page.text_content("tbody.engine[data-model='alpha'] pre.flags") or ""
+    assert "--served-model-name alpha" in flags and "--port" not in flags
+
+    seen: list[str | None] = []
+    import threading
+
+    done: dict[str, float] = {}
+
+    def ask_beta() -> None:
+        r = complete(gateway.url, "judge")
+        assert r.status_code == 200, r.text
+        done["at"] = time.monotonic()
+
+    asker = threading.Thread(target=ask_beta)
+    asker.start()
+    while "at" not in done:  # the page while the swap happens
+        seen.append(tab.engine_state("beta"))
+        time.sleep(0.05)
+    asker.join()
+    # Within 2 s of the swap being done (the request answered), the page shows it: state and timeline.
+    shown = wait_until(lambda: tab.engine_state("beta") == "ready"
+                       and tab.page.locator("#timeline li[data-model='beta']").count() == 1
+                       and tab.engine_state("alpha") == "stopped", 2.0, "the swap on the page")
+    assert "starting" in seen, seen  # the state change itself was on the page, not only its outcome
+    entry = tab.page.inner_text("#timeline li[data-model='beta']")
+    assert "evicted alpha" in entry and "cold" in entry, entry
+    swap = gateway.admin("GET", "/admin/swaps").json()["swaps"][-1]
+    assert swap["model"] == "beta" and swap["reason"] in entry
+    print(f"swap shown {shown:.2f} s after the request that caused it was answered")
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, (w, h) in SIZES.items():
+        tab.page.set_viewport_size({"width": w, "height": h})
+        tab.page.wait_for_timeout(300)
+        tab.page.screenshot(path=str(RESULTS / f"console-{name}.png"))
+    tab.close()
+
+
+def test_unload_from_the_page_needs_the_admin_key(browser: Browser, gateway: Gateway) -> None:
+    assert complete(gateway.url, "alpha").status_code == 200
+    tab = Tab(browser, gateway.url)
+    assert tab.errors == [], tab.errors
+    unload = tab.page.locator("tbody.engine[data-model='alpha'] button[data-action='unload']")
+    assert "read-only" in tab.page.inner_text("#mode")
+
+    unload.click()  # no key: the gateway refuses, the engine stays
+    tab.page.wait_for_selector("#toast.error:not([hidden])", timeout=5_000)
+    toast = tab.page.inner_text("#toast")
+    assert "refused (401)" in toast and "admin key" in toast, toast
+    assert gateway.state("alpha") == "ready"
+
+    tab.page.fill("#key", ADMIN_KEY)
+    tab.page.click("#key-use")
+    assert "key set" in tab.page.inner_text("#mode")
+    assert tab.page.evaluate("sessionStorage.getItem('onecard.key')") == ADMIN_KEY
+    assert tab.page.evaluate("localStorage.length") == 0 and tab.page.context.cookies() == []
+    unload.click()
+    wait_until(lambda: gateway.state("alpha") == "stopped", 15, "alpha to stop")
+    wait_until(lambda: tab.engine_state("alpha") == "stopped", 2.0, "the page to show alpha stopped")
+    # The log tail is admin-only; with the key the page reads it.
+    tab.page.click("tbody.engine[data-model='alpha'] details.log-details summary")
+    log_box = "tbody.engine[data-model='alpha'] pre.log"
+    wait_until(lambda: "API server version" in (tab.page.text_content(log_box) or ""), 5.0, "the log tail on the page")
+    tab.close()
+    log = gateway.log()
+    assert ADMIN_KEY not in log and "Bearer" not in log
+
+
+def test_a_gateway_restart_is_survived_without_a_reload(browser: Browser, tmp_path: Path, gateway: Gateway) -> None:
+    tab = Tab(browser, gateway.url)
+    before = tab.page.get_attribute("#gw-info", "data-started-at")
+    tab.page.evaluate("window.__sameDocument = true")
+    t0 = time.monotonic()
+    gateway.signal(signal.SIGTERM)
+    assert gateway.wait(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in gateway.log()
+    assert time.monotonic() - t0 < 10  # an open console holds no connection that delays the shutdown
+    tab.page.wait_for_selector("#live[data-live='reconnecting']", timeout=5_000)
+
+    again = Gateway(tmp_path, port=gateway.port).start()
+    try:
+        tab.page.wait_for_selector("#live[data-live='live']", timeout=5_000)
+        wait_until(lambda: tab.page.get_attribute("#gw-info", "data-started-at") != before, 5.0,
+                   "the restarted gateway on the page")
+        assert tab.page.evaluate("window.__sameDocument") is True  # the same page, never reloaded
+        assert complete(again.url, "beta").status_code == 200
+        wait_until(lambda: tab.engine_state("beta") == "ready", 2.0, "the restarted gateway's swap on the page")
+        assert not [e for e in tab.errors if e.startswith("page error")], tab.errors
+    finally:
+        tab.close()
+        again.close()
+    assert os.path.exists(again.log_path)
