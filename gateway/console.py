@@ -75,7 +75,7 @@ GIB = 1024**3
 
 def is_public(path: str) -> bool:
     """Whether ``path`` is the page or one of its assets, which need no key."""
-    return path in PAGE_PATHS or (path.startswith(ASSET_PREFIX) and path[len(ASSET_PREFIX):] in ASSETS)
+    return path in PAGE_PATHS or (path.startswith(ASSET_PREFIX) and path[len(ASSET_PREFIX) :] in ASSETS)
 
 
 @cache
@@ -115,7 +115,8 @@ async def console_asset(name: str) -> Response:
 @router.get("/console/snapshot")
 async def console_snapshot(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
-    gpu = await _gpu_cache(request).read(gw)
+    pids = {name: e.pid for name, e in gw.manager.engines.items() if e.pid is not None}
+    gpu = await _gpu_cache(request).read(gw.manager.gpu_probe, pids)
     body = snapshot(gw, gpu, usage_route=any(getattr(r, "path", None) == "/admin/usage" for r in request.app.routes))
     return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
 
@@ -140,12 +141,11 @@ class GpuCache:
         self._last: tuple[float, GpuNow] | None = None
         self._lock = asyncio.Lock()
 
-    async def read(self, gw: Gateway) -> GpuNow:
+    async def read(self, probe: GpuProbe | None, pids: Mapping[str, int]) -> GpuNow:
+        """The card now (``pids``: model -> its engine's pid), or the reading of less than ``every_s`` ago."""
         async with self._lock:
             if self._last is not None and self.clock() - self._last[0] < self.every_s:
                 return self._last[1]
-            probe = gw.manager.gpu_probe
-            pids = {name: e.pid for name, e in gw.manager.engines.items() if e.pid is not None}
             now = GpuNow() if probe is None else await asyncio.to_thread(_read_gpu, probe, pids)
             self._last = (self.clock(), now)
             return now
@@ -219,8 +219,14 @@ def engine_extra(engine: Engine, gw: Gateway) -> dict[str, Any]:
     if engine.process is not None and engine.state is not EngineState.STOPPED:
         args, source = _without_host_port(list(engine.process.argv)[2:]), "running"
     else:
-        args = engine_args(launch.registry, engine.spec, engine.plan, platform=launch.platform,
-                           budget_gib=launch.budget_gib, card_total_gib=launch.card_total_gib)
+        args = engine_args(
+            launch.registry,
+            engine.spec,
+            engine.plan,
+            platform=launch.platform,
+            budget_gib=launch.budget_gib,
+            card_total_gib=launch.card_total_gib,
+        )
         source = "planned"
     plan = engine.plan
     return {
@@ -266,8 +272,7 @@ def card_view(
     for name, state in states.items():
         m = plan.model(name)
         if state in RESIDENT_STATES:
-            segments.append({"kind": "resident", "model": name, "state": state.value,
-                             "gib": round(m.resident_gib, 2)})
+            segments.append({"kind": "resident", "model": name, "state": state.value, "gib": round(m.resident_gib, 2)})
         elif state is EngineState.SLEEPING:
             held = m.resident_gib if not sleep_frees else gpu.engine_bytes.get(name, 0) / GIB
             segments.append({"kind": "sleeping", "model": name, "state": state.value, "gib": round(held, 2)})

@@ -37,8 +37,11 @@ SIZES = {"desktop": (1440, 900), "laptop": (1280, 800)}
 
 def write_adapter(folder: Path, *, base: str, rank: int = 8) -> None:
     folder.mkdir(parents=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base,
-                                                            "r": rank, "target_modules": ["q_proj", "v_proj"]}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "base_model_name_or_path": base, "r": rank, "target_modules": ["q_proj", "v_proj"]}
+        )
+    )
     (folder / "adapter_model.safetensors").write_bytes(b"")
 
 
@@ -48,19 +51,29 @@ def console_registry(tmp: Path) -> Path:
     write_adapter(watch / "alpha-tuesday-r8", base="standin/alpha")
     write_adapter(watch / "alpha-r64", base="standin/alpha", rank=64)
     models = [
-        standin_model("alpha", aliases=["candidate"], lora={"enabled": True, "max_rank": 16, "watch_dirs": [str(watch)]}),
+        standin_model(
+            "alpha", aliases=["candidate"], lora={"enabled": True, "max_rank": 16, "watch_dirs": [str(watch)]}
+        ),
         standin_model("beta", aliases=["judge"]),
     ]
-    return write_registry(tmp / "reg.yaml", models, executable=standin_executable(tmp), budget_gib=1.5,
-                          scheduler={"max_wait_s": 30, "max_queue": 64, "keepalive_s": 0.5})
+    return write_registry(
+        tmp / "reg.yaml",
+        models,
+        executable=standin_executable(tmp),
+        budget_gib=1.5,
+        scheduler={"max_wait_s": 30, "max_queue": 64, "keepalive_s": 0.5},
+    )
 
 
 class Gateway(GatewayProcess):
     """``onecard serve`` with the admin key set, restartable on the same port."""
 
     def __init__(self, tmp: Path, *, port: int | None = None) -> None:
-        super().__init__(console_registry(tmp) if not (tmp / "reg.yaml").exists() else tmp / "reg.yaml",
-                         tmp / "run", env={"ONECARD_ADMIN_KEYS": ADMIN_KEY})
+        super().__init__(
+            console_registry(tmp) if not (tmp / "reg.yaml").exists() else tmp / "reg.yaml",
+            tmp / "run",
+            env={"ONECARD_ADMIN_KEYS": ADMIN_KEY},
+        )
         if port is not None:
             self.port = port
             self.url = f"http://127.0.0.1:{port}"
@@ -161,9 +174,15 @@ def test_loads_clean_and_shows_a_swap_within_two_seconds(browser: Browser, gatew
         time.sleep(0.05)
     asker.join()
     # Within 2 s of the swap being done (the request answered), the page shows it: state and timeline.
-    shown = wait_until(lambda: tab.engine_state("beta") == "ready"
-                       and tab.page.locator("#timeline li[data-model='beta']").count() == 1
-                       and tab.engine_state("alpha") == "stopped", 2.0, "the swap on the page")
+    shown = wait_until(
+        lambda: (
+            tab.engine_state("beta") == "ready"
+            and tab.page.locator("#timeline li[data-model='beta']").count() == 1
+            and tab.engine_state("alpha") == "stopped"
+        ),
+        2.0,
+        "the swap on the page",
+    )
     assert "starting" in seen, seen  # the state change itself was on the page, not only its outcome
     entry = tab.page.inner_text("#timeline li[data-model='beta']")
     assert "evicted alpha" in entry and "cold" in entry, entry
@@ -223,8 +242,11 @@ def test_a_gateway_restart_is_survived_without_a_reload(browser: Browser, tmp_pa
     again = Gateway(tmp_path, port=gateway.port).start()
     try:
         tab.page.wait_for_selector("#live[data-live='live']", timeout=5_000)
-        wait_until(lambda: tab.page.get_attribute("#gw-info", "data-started-at") != before, 5.0,
-                   "the restarted gateway on the page")
+        wait_until(
+            lambda: tab.page.get_attribute("#gw-info", "data-started-at") != before,
+            5.0,
+            "the restarted gateway on the page",
+        )
         assert tab.page.evaluate("window.__sameDocument") is True  # the same page, never reloaded
         assert complete(again.url, "beta").status_code == 200
         wait_until(lambda: tab.engine_state("beta") == "ready", 2.0, "the restarted gateway's swap on the page")
