@@ -67,10 +67,19 @@
   function showMode() {
     const keys = snap ? snap.gateway.keys : null;
     let text;
-    if (key()) text = 'key set (this tab only)';
-    else if (keys === false) text = 'no keys on this gateway: admin actions work from this machine only';
-    else text = 'read-only: enter the admin key for actions';
+    let title;
+    if (key()) {
+      text = 'key set (this tab only)';
+      title = 'sent as Authorization: Bearer with every request of this tab; gone when the tab closes';
+    } else if (keys === false) {
+      text = 'no keys: admin from this machine';
+      title = 'this gateway has no keys: its admin routes answer only on the machine it runs on';
+    } else {
+      text = 'read-only';
+      title = 'enter the admin key to load, unload, sleep, wake or release a lease';
+    }
     $('mode').textContent = text;
+    $('mode').title = title;
     $('key-forget').disabled = !key();
   }
   $('key-form').addEventListener('submit', (ev) => {
@@ -114,6 +123,7 @@
     sum += m && m.used_gib !== null
       ? ' · measured (NVML) ' + gib(m.used_gib) + ' of ' + gib(m.total_gib) + ' GiB'
       : ' · no GPU seen by NVML: planned figures only';
+    if (s.gpus.length) sum += ' · ' + s.gpus.map((g) => 'GPU ' + g.index + ': ' + g.name).join(', ');
     $('card-summary').textContent = sum;
     const bar = $('bar');
     const scale = Math.max(c.budget_gib, c.planned_used_gib + c.headroom_gib, (m && m.used_gib) || 0) || 1;
@@ -133,21 +143,21 @@
     for (const g of c.segments) totals[g.kind] = (totals[g.kind] || 0) + g.gib;
     const legend = Object.keys(KIND_LABEL).filter((k) => k in totals).map((k) =>
       el('li', null, el('span', { class: 'sw ' + k }), KIND_LABEL[k] + ' ' + gib(totals[k]) + ' GiB'));
-    if (m && m.used_gib !== null) legend.push(el('li', null, el('span', { class: 'sw marker' }), 'measured (NVML)'));
+    if (m && m.used_gib !== null) legend.push(el('li', null, el('span', { class: 'sw nvml' }), 'measured (NVML) ' + gib(m.used_gib) + ' GiB'));
     $('legend').replaceChildren(...legend);
     const tiles = [];
     const t = s.thermal;
     for (const g of s.gpus) {
+      const pre = s.gpus.length > 1 ? 'GPU ' + g.index + ' ' : '';
       const hot = g.temperature_c !== null && g.temperature_c >= t.limit_c;
-      tiles.push(tile('GPU ' + g.index, g.name, ''));
-      tiles.push(tile('Temperature', g.temperature_c === null ? '–' : g.temperature_c.toFixed(0) + ' °C',
+      tiles.push(tile(pre + 'Temperature', g.temperature_c === null ? '–' : g.temperature_c.toFixed(0) + ' °C',
         'cap ' + t.limit_c.toFixed(0) + ' °C', hot));
-      tiles.push(tile('Power', g.power_w === null ? '–' : g.power_w.toFixed(0) + ' W', ''));
-      tiles.push(tile('Memory', gib(g.memory_used_gib) + ' GiB', 'of ' + gib(g.memory_total_gib) + ' GiB'));
-      tiles.push(tile('SM clock', g.sm_clock_mhz === null ? '–' : g.sm_clock_mhz + ' MHz',
+      tiles.push(tile(pre + 'Power', g.power_w === null ? '–' : g.power_w.toFixed(0) + ' W', ''));
+      tiles.push(tile(pre + 'Memory', gib(g.memory_used_gib) + ' GiB', 'of ' + gib(g.memory_total_gib) + ' GiB'));
+      tiles.push(tile(pre + 'SM clock', g.sm_clock_mhz === null ? '–' : g.sm_clock_mhz + ' MHz',
         g.utilization_ratio === null ? '' : Math.round(100 * g.utilization_ratio) + '% busy'));
       const reasons = (g.clock_event_reasons || []).filter((r) => r !== 'idle');
-      tiles.push(tile('Clock events', reasons.length ? reasons.join(', ') : 'none', '',
+      tiles.push(tile(pre + 'Clock events', reasons.length ? reasons.join(', ') : 'none', '',
         reasons.some((r) => r.includes('thermal'))));
     }
     tiles.push(tile('Thermal cap', t.limit_c.toFixed(0) + ' °C',
@@ -181,9 +191,9 @@
     const flagDetails = el('details', null, el('summary', null, 'vLLM flags ', flagsNote), flags);
     const error = el('div', { class: 'err small' });
     const main = el('tr', null, cell('model'), cell('state'), cell('uptime', 'num'), cell('flight', 'num'),
-      cell('queued', 'num'), cell('wait', 'num'), cell('gib', 'num'), cell('adapters'),
+      cell('queued', 'num'), cell('gib', 'num'), cell('adapters'),
       el('td', { class: 'actions' }, buttons.load, buttons.wake, buttons.sleep, buttons.unload));
-    const more = el('tr', { class: 'more' }, el('td', { colSpan: 9 }, error, flagDetails, logDetails));
+    const more = el('tr', { class: 'more' }, el('td', { colSpan: 8 }, error, flagDetails, logDetails));
     const body = el('tbody', { class: 'engine', 'data-model': name }, main, more);
     const row = { body, cells, buttons, flags, flagsNote, log, logDetails, error, lastLog: 0 };
     logDetails.addEventListener('toggle', () => { if (logDetails.open) readLog(name, row); });
@@ -213,8 +223,7 @@
       }
       c.uptime.textContent = secs(e.uptime_s);
       c.flight.textContent = String(e.in_flight);
-      c.queued.textContent = String(e.queued);
-      c.wait.textContent = secs(e.oldest_wait_s);
+      c.queued.textContent = String(e.queued) + (e.oldest_wait_s !== null ? ', oldest ' + secs(e.oldest_wait_s) : '');
       c.gib.textContent = gib(e.planned_gib) + (e.measured_gib !== null ? ' / ' + gib(e.measured_gib) : '');
       c.gib.title = 'planned ' + gib(e.planned_gib) + ' GiB' +
         (e.measured_gib !== null ? ', measured ' + gib(e.measured_gib) + ' GiB' : ', not measured yet');

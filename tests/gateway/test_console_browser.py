@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.gateway.test_faults import GatewayProcess
+from tests.gateway.test_simcard import L8B, PHI3, QWEN14, Lab
 from tests.support import ROOT, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(240)
@@ -79,8 +80,10 @@ class Gateway(GatewayProcess):
             self.url = f"http://127.0.0.1:{port}"
             self.argv[self.argv.index("--port") + 1] = str(port)
 
-    def admin(self, method: str, path: str) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    def admin(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        return httpx.request(
+            method, self.url + path, json=json, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60
+        )
 
     def state(self, model: str) -> str:
         rows = self.admin("GET", "/admin/engines").json()["engines"]
@@ -190,11 +193,16 @@ def test_loads_clean_and_shows_a_swap_within_two_seconds(browser: Browser, gatew
     assert swap["model"] == "beta" and swap["reason"] in entry
     print(f"swap shown {shown:.2f} s after the request that caused it was answered")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, (w, h) in SIZES.items():
-        tab.page.set_viewport_size({"width": w, "height": h})
-        tab.page.wait_for_timeout(300)
-        tab.page.screenshot(path=str(RESULTS / f"console-{name}.png"))
+    # A lease beside beta shows on the bar and in the leases section.
+    lease = gateway.admin("POST", "/admin/leases", json={"gib": 0.4, "pid": os.getpid(), "label": "train.py"})
+    assert lease.status_code == 201, lease.text
+    wait_until(
+        lambda: tab.page.locator(f"#leases tr[data-lease='{lease.json()['id']}']").count() == 1,
+        2.0,
+        "the lease on the page",
+    )
+    assert tab.page.locator("#bar .seg.lease").count() == 1
+
     tab.close()
 
 
@@ -203,7 +211,7 @@ def test_unload_from_the_page_needs_the_admin_key(browser: Browser, gateway: Gat
     tab = Tab(browser, gateway.url)
     assert tab.errors == [], tab.errors
     unload = tab.page.locator("tbody.engine[data-model='alpha'] button[data-action='unload']")
-    assert "read-only" in tab.page.inner_text("#mode")
+    assert tab.page.inner_text("#mode") == "read-only"
 
     unload.click()  # no key: the gateway refuses, the engine stays
     tab.page.wait_for_selector("#toast.error:not([hidden])", timeout=5_000)
@@ -219,6 +227,13 @@ def test_unload_from_the_page_needs_the_admin_key(browser: Browser, gateway: Gat
     unload.click()
     wait_until(lambda: gateway.state("alpha") == "stopped", 15, "alpha to stop")
     wait_until(lambda: tab.engine_state("alpha") == "stopped", 2.0, "the page to show alpha stopped")
+    # Release a lease from the page.
+    lease = gateway.admin("POST", "/admin/leases", json={"gib": 0.5, "pid": os.getpid(), "label": "train.py"})
+    assert lease.status_code == 201, lease.text
+    release = tab.page.locator(f"#leases tr[data-lease='{lease.json()['id']}'] button[data-action='release']")
+    release.click()
+    wait_until(lambda: gateway.admin("GET", "/admin/leases").json()["leases"] == [], 5.0, "the lease to end")
+    wait_until(lambda: tab.page.locator("#leases tr[data-lease]").count() == 0, 2.0, "the page to drop the lease")
     # The log tail is admin-only; with the key the page reads it.
     tab.page.click("tbody.engine[data-model='alpha'] details.log-details summary")
     log_box = "tbody.engine[data-model='alpha'] pre.log"
@@ -255,3 +270,38 @@ def test_a_gateway_restart_is_survived_without_a_reload(browser: Browser, tmp_pa
         tab.close()
         again.close()
     assert os.path.exists(again.log_path)
+
+
+def test_a_simulated_24_gib_card_with_the_lab_models(browser: Browser, tmp_path: Path) -> None:
+    """The shipped 8B, Phi-3 and Qwen 14B on a simulated 24 GiB card that a fake NVML reports."""
+    lab = Lab(tmp_path, (L8B, PHI3, QWEN14))
+    lab.gateway.start()
+    try:
+        lab.ask_right(QWEN14)
+        tab = Tab(browser, lab.url)
+        assert tab.errors == [], tab.errors
+        tiles = tab.page.inner_text("#gpus")
+        assert "58 °C" in tiles and "180 W" in tiles and "cap 83 °C" in tiles, tiles
+        assert tab.page.locator("#bar .marker").count() == 1  # NVML's measured total on the bar
+        # No keys on this gateway: the page's actions work from this machine, as the admin routes do.
+        assert "admin from this machine" in tab.page.inner_text("#mode")
+        tab.page.locator(f"tbody.engine[data-model='{QWEN14}'] button[data-action='sleep']").click()
+        wait_until(lambda: lab.engines()[QWEN14]["state"] == "sleeping", 15, "the 14B asleep")
+        wait_until(lambda: tab.engine_state(QWEN14) == "sleeping", 2.0, "the page to show the 14B asleep")
+        assert "level 1" in tab.page.inner_text(f"tbody.engine[data-model='{QWEN14}'] .pill")
+        lab.ask_right(L8B)
+        lab.ask_right(PHI3)
+        wait_until(lambda: tab.engine_state(L8B) == tab.engine_state(PHI3) == "ready", 2.0, "both resident")
+        wait_until(lambda: tab.page.locator("#bar .seg.resident").count() == 2, 2.0, "two engines on the bar")
+        summary = tab.page.inner_text("#card-summary")
+        assert "Budget 24.00 GiB (cuda)" in summary and "measured (NVML)" in summary, summary
+        assert tab.page.locator("#timeline li").count() == 3
+        assert tab.errors == [], tab.errors
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for name, (w, h) in SIZES.items():
+            tab.page.set_viewport_size({"width": w, "height": h})
+            tab.page.wait_for_timeout(300)
+            tab.page.screenshot(path=str(RESULTS / f"console-{name}.png"))
+        tab.close()
+    finally:
+        lab.gateway.close()
