@@ -21,7 +21,7 @@ import pytest
 
 from tests.gateway.test_faults import GatewayProcess
 from tests.gateway.test_simcard import L8B, PHI3, QWEN14, Lab
-from tests.support import ROOT, standin_executable, standin_model, write_registry
+from tests.support import ROOT, running_gateway, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -32,6 +32,8 @@ if CHROMIUM is None:
 from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
 
 ADMIN_KEY = "sk-admin-console-8c41e07d93b2"
+API_KEY = "sk-api-console-2d7e19f0a4c6"
+HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = {"desktop": (1440, 900), "laptop": (1280, 800)}
 
@@ -51,11 +53,12 @@ def console_registry(tmp: Path) -> Path:
     watch = tmp / "adapters"
     write_adapter(watch / "alpha-tuesday-r8", base="standin/alpha")
     write_adapter(watch / "alpha-r64", base="standin/alpha", rank=64)
+    write_adapter(watch / HOSTILE_NAME, base="standin/alpha")  # refused (not a model name), shown as text
     models = [
         standin_model(
             "alpha", aliases=["candidate"], lora={"enabled": True, "max_rank": 16, "watch_dirs": [str(watch)]}
         ),
-        standin_model("beta", aliases=["judge"]),
+        standin_model("beta", aliases=["judge"], env={"STANDIN_START_DELAY": "1.5"}),  # a start the page can see
     ]
     return write_registry(
         tmp / "reg.yaml",
@@ -112,13 +115,17 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
 class Tab:
     """One page, with every console message and page error it produced."""
 
-    def __init__(self, browser: Browser, url: str, size: tuple[int, int] = SIZES["desktop"]) -> None:
+    def __init__(
+        self, browser: Browser, url: str, size: tuple[int, int] = SIZES["desktop"], *, ready: bool = True
+    ) -> None:
         self.page: Page = browser.new_page(viewport={"width": size[0], "height": size[1]})
         self.errors: list[str] = []
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.on("dialog", lambda d: (self.errors.append(f"dialog: {d.message}"), d.dismiss()))
         self.page.goto(url + "/")
-        self.page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        if ready:
+            self.page.wait_for_selector("body[data-ready='1']", timeout=10_000)
 
     def _console(self, msg: ConsoleMessage) -> None:
         if msg.type in ("error", "warning"):
@@ -156,6 +163,7 @@ def test_loads_clean_and_shows_a_swap_within_two_seconds(browser: Browser, gatew
     assert tab.page.locator("#bar .seg.resident[data-model='alpha']").count() == 1
     assert "alpha-tuesday-r8" in tab.page.inner_text("#adapters")
     assert "above alpha's lora.max_rank (16)" in tab.page.inner_text("#adapters")
+    assert HOSTILE_NAME in tab.page.inner_text("#adapters") and tab.page.locator("img").count() == 0
     assert "no users file" in tab.page.inner_text("#usage")
     flags = tab.page.text_content("tbody.engine[data-model='alpha'] pre.flags") or ""
     assert "--served-model-name alpha" in flags and "--port" not in flags
@@ -305,3 +313,36 @@ def test_a_simulated_24_gib_card_with_the_lab_models(browser: Browser, tmp_path:
         tab.close()
     finally:
         lab.gateway.close()
+
+
+def test_with_api_keys_the_page_asks_for_a_key_and_an_api_key_reads_but_cannot_act(
+    browser: Browser, tmp_path: Path
+) -> None:
+    keys = {"api_keys": frozenset({API_KEY}), "admin_keys": frozenset({ADMIN_KEY})}
+    with running_gateway(console_registry(tmp_path), tmp_path / "run", **keys) as server:
+        assert complete_with(server.url, "alpha", API_KEY).status_code == 200
+        tab = Tab(browser, server.url, ready=False)  # the page loads; its data needs a key
+        tab.page.wait_for_selector("#live[data-live='refused']", timeout=5_000)
+        assert "needs a key" in tab.page.inner_text("#live")
+        assert tab.engine_state("alpha") is None
+        tab.page.fill("#key", API_KEY)
+        tab.page.click("#key-use")
+        tab.page.wait_for_selector("#live[data-live='live']", timeout=5_000)
+        wait_until(lambda: tab.engine_state("alpha") == "ready", 2.0, "the engines with the API key")
+        assert "no users file" in tab.page.inner_text("#usage")
+        tab.page.locator("tbody.engine[data-model='alpha'] button[data-action='unload']").click()
+        tab.page.wait_for_selector("#toast.error:not([hidden])", timeout=5_000)
+        toast = tab.page.inner_text("#toast")
+        assert "refused (403)" in toast and "not an admin key" in toast, toast
+        assert server.gw.manager.engines["alpha"].state.value == "ready"
+        assert not [e for e in tab.errors if not e.startswith("error: Failed to load resource")], tab.errors
+        tab.close()
+
+
+def complete_with(url: str, model: str, key: str) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/completions",
+        json={"model": model, "prompt": "x", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
