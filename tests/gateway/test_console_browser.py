@@ -235,6 +235,8 @@ def test_unload_from_the_page_needs_the_admin_key(browser: Browser, gateway: Gat
     unload.click()
     wait_until(lambda: gateway.state("alpha") == "stopped", 15, "alpha to stop")
     wait_until(lambda: tab.engine_state("alpha") == "stopped", 2.0, "the page to show alpha stopped")
+    tab.page.locator("tbody.engine[data-model='alpha'] button[data-action='load']").click()
+    wait_until(lambda: gateway.state("alpha") == "ready", 15, "alpha loaded from the page")
     # Release a lease from the page.
     lease = gateway.admin("POST", "/admin/leases", json={"gib": 0.5, "pid": os.getpid(), "label": "train.py"})
     assert lease.status_code == 201, lease.text
@@ -312,6 +314,19 @@ def test_a_simulated_24_gib_card_with_the_lab_models(browser: Browser, tmp_path:
             tab.page.set_viewport_size({"width": w, "height": h})
             tab.page.wait_for_timeout(300)
             tab.page.screenshot(path=str(RESULTS / f"console-{name}.png"))
+        # Waking the 14B from the page makes room for it: a wake on the timeline, with what it evicted.
+        tab.page.locator(f"tbody.engine[data-model='{QWEN14}'] button[data-action='wake']").click()
+        wait_until(lambda: lab.engines()[QWEN14]["state"] == "ready", 20, "the 14B awake")
+        wait_until(
+            lambda: tab.page.locator(f"#timeline li[data-model='{QWEN14}'][data-kind='wake']").count() == 1,
+            2.0,
+            "the wake on the timeline",
+        )
+        wake = httpx.get(lab.url + "/admin/swaps", timeout=10).json()["swaps"][-1]
+        assert wake["model"] == QWEN14 and wake["kind"] == "wake" and wake["evicted"], wake
+        entry = tab.page.inner_text(f"#timeline li[data-model='{QWEN14}'][data-kind='wake']")
+        assert "evicted " + ", ".join(wake["evicted"]) in entry and wake["reason"] in entry, entry
+        assert tab.errors == [], tab.errors
         tab.close()
     finally:
         lab.gateway.close()
