@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -169,14 +170,13 @@ def test_loads_clean_and_shows_a_swap_within_two_seconds(browser: Browser, gatew
     assert "--served-model-name alpha" in flags and "--port" not in flags
 
     seen: list[str | None] = []
-    import threading
-
     done: dict[str, float] = {}
 
     def ask_beta() -> None:
-        r = complete(gateway.url, "judge")
-        assert r.status_code == 200, r.text
-        done["at"] = time.monotonic()
+        try:
+            done["status"] = complete(gateway.url, "judge").status_code
+        finally:
+            done["at"] = time.monotonic()
 
     asker = threading.Thread(target=ask_beta)
     asker.start()
@@ -184,6 +184,7 @@ def test_loads_clean_and_shows_a_swap_within_two_seconds(browser: Browser, gatew
         seen.append(tab.engine_state("beta"))
         time.sleep(0.05)
     asker.join()
+    assert done.get("status") == 200, done
     # Within 2 s of the swap being done (the request answered), the page shows it: state and timeline.
     shown = wait_until(
         lambda: (
@@ -279,7 +280,6 @@ def test_a_gateway_restart_is_survived_without_a_reload(browser: Browser, tmp_pa
     finally:
         tab.close()
         again.close()
-    assert os.path.exists(again.log_path)
 
 
 def test_a_simulated_24_gib_card_with_the_lab_models(browser: Browser, tmp_path: Path) -> None:
