@@ -240,7 +240,12 @@
       }
       if (row.logDetails.open && Date.now() - row.lastLog > LOG_MS) readLog(e.model, row);
     }
-    for (const [name, row] of engines) if (!seen.has(name)) { row.body.remove(); engines.delete(name); }
+    for (const [name, row] of engines) {
+      if (seen.has(name)) continue;
+      row.body.remove();
+      engines.delete(name);
+      for (const k of ['name:', 'state:', 'flags:']) delete sig[k + name];  // drawn afresh if it comes back
+    }
     const sched = s.scheduler.last_reason ? 'scheduler: ' + s.scheduler.last_reason : '';
     $('sched').textContent = sched;
   }
