@@ -8,7 +8,8 @@ them resident (so the page has an engine, a swap and flags to draw), then:
 
 1. **Weight**: the bytes the page needs before it can draw: the HTML, every asset it names, and the
    first snapshot, each fetched once with a plain client (no compression: the gateway sends none).
-   The browser's own count (Resource Timing ``transferSize``, headers included) is recorded beside it.
+   The browser's own count (Resource Timing ``transferSize``, headers included) is recorded beside it,
+   and the gateway's own time to answer each of these requests (50 each, one keep-alive client).
 2. **Time to first render**: Debian's ``chromium`` (headless, driven by Playwright) loads the page
    ``--loads`` times, each in a fresh browser context (empty cache). Per load: milliseconds from the
    start of navigation to the first contentful paint (the page's frame, before any data) and to the
@@ -23,9 +24,12 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from benchmarks.common import Processes, free_port, http_json, machine_info, summarize, write_results
 from tests.support import standin_executable, standin_model, write_registry
@@ -64,6 +68,20 @@ def page_weight(base: str) -> dict[str, Any]:
     page = sum(parts.values())
     snapshot = len(fetch(base + "/console/snapshot"))
     return {"files": parts, "page_bytes": page, "snapshot_bytes": snapshot, "total_bytes": page + snapshot}
+
+
+def serve_times(base: str, paths: list[str], n: int = 50) -> dict[str, dict[str, float]]:
+    """Milliseconds the gateway takes to answer each of the page's requests (one keep-alive client)."""
+    out: dict[str, dict[str, float]] = {}
+    with httpx.Client(trust_env=False) as client:
+        for path in paths:
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                client.get(base + path).raise_for_status()
+                times.append((time.perf_counter() - t0) * 1000)
+            out[path] = summarize(times)
+    return out
 
 
 def render_times(base: str, loads: int, chromium: str) -> dict[str, Any]:
@@ -110,12 +128,14 @@ def main() -> None:
         procs.gateway(registry, port, work / "run", cpus=None)
         http_json(base + "/admin/engines/alpha/load", method="POST")
         weight = page_weight(base)
+        served = serve_times(base, [*weight["files"], "/console/snapshot"])
         render = render_times(base, args.loads, chromium) if chromium else None
     load_after = os.getloadavg()
     result = {
         "machine": machine_info(),
         "load_average_1m": [load_before[0], load_after[0]],
         "weight": weight,
+        "served_ms": served,
         "render": render,
         "aims": {"weight_bytes": WEIGHT_AIM_BYTES, "first_render_ms": RENDER_AIM_MS},
     }
@@ -126,6 +146,8 @@ def main() -> None:
     print(f"  page (HTML, CSS, JS)           {weight['page_bytes']:>8,} B")
     print(f"  first snapshot                 {weight['snapshot_bytes']:>8,} B")
     print(f"  total before the first render  {weight['total_bytes']:>8,} B  (aim: under {WEIGHT_AIM_BYTES:,} B)")
+    for name, t in served.items():
+        print(f"  served {name:<28} median {t['median']:.2f} ms, p90 {t['p90']:.2f} ms (gateway, keep-alive client)")
     if render is None:
         print("  time to first render: not measured (no chromium executable; Debian: apt-get install chromium)")
     else:
