@@ -32,6 +32,7 @@ from engines.manager import EngineManager
 from engines.provenance import source_record, vllm_version_of
 from engines.registry import Registry, load_registry
 from engines.state import EngineState
+from gateway import console
 from gateway.api import admin, openai
 from gateway.auth import KeyAuth
 from gateway.bodies import AdminBodyLimit, BodyParser
@@ -151,6 +152,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
                   docs_url=None, redoc_url=None)
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(console.router)
     install_error_handlers(app)
 
     @app.get("/health")

@@ -1,7 +1,8 @@
 """Optional bearer keys, and what browsers and relays may not do, as a small ASGI middleware in front of
 every route.
 
-- ``/health`` is always open; ``/metrics`` is open unless ``metrics_public`` is off.
+- ``/health`` and the console page with its assets (``gateway.console.is_public``: they hold no data) are
+  always open; ``/metrics`` is open unless ``metrics_public`` is off.
 - ``/admin/...`` needs an admin key; every other route needs an API key or an admin key.
 - With no keys at all, everything is open, except that admin routes answer only loopback clients.
 - Keys are compared in constant time and never logged.
@@ -29,6 +30,7 @@ import socket
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.console import is_public as is_console_page
 from gateway.errors import APIError, Forbidden, Unauthorized, error_response
 from gateway.settings import Settings
 
@@ -167,7 +169,7 @@ class KeyAuth:
 
     def check(self, path: str, key: str | None) -> APIError | None:
         s = self.settings
-        if path in OPEN_PATHS or (path == "/metrics" and s.metrics_public):
+        if path in OPEN_PATHS or is_console_page(path) or (path == "/metrics" and s.metrics_public):
             return None
         is_admin = _matches(key, s.admin_keys)
         if path.startswith("/admin"):

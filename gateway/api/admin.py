@@ -8,6 +8,8 @@ They need the admin key when keys are configured (see ``gateway.auth``)::
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import psutil
 from fastapi import APIRouter, Query, Request
@@ -37,14 +39,35 @@ def _model(gw: Gateway, name: str) -> str:
     return target.model.name
 
 
+def engines_payload(gw: Gateway) -> dict[str, Any]:
+    """What ``GET /admin/engines`` answers (and ``onecard ps`` and the console show)."""
+    return {"engines": gw.manager.engine_rows(), "reserved_gib": gw.manager.reserved_gib,
+            "leases": leases_payload(gw)["leases"],
+            "scheduler": {"last_reason": gw.manager.last_reason, "draining": sorted(gw.manager.draining)}}
+
+
+def swaps_payload(gw: Gateway, limit: int) -> dict[str, Any]:
+    """The last ``limit`` swaps, oldest first: what ``GET /admin/swaps`` answers."""
+    return {"swaps": [s.__dict__ for s in gw.manager.swaps[-limit:]]}
+
+
+def leases_payload(gw: Gateway) -> dict[str, Any]:
+    lease = gw.manager.lease
+    return {"leases": [lease.as_dict()] if lease else []}
+
+
+def adapters_payload(gw: Gateway) -> dict[str, Any]:
+    """Adapters found in watched folders, and the folders that could not be used (with why)."""
+    return {
+        "discovered": [{"name": f.name, "base": f.base, "path": str(f.path), "rank": f.rank}
+                       for f in gw.manager.discovered.values()],
+        "problems": [{"path": p, "reason": r} for p, r in gw.manager.adapter_problems.items()],
+    }
+
+
 @router.get("/engines")
 async def engines(request: Request) -> Response:
-    gw = _gw(request)
-    lease = gw.manager.lease
-    return _json({"engines": gw.manager.engine_rows(), "reserved_gib": gw.manager.reserved_gib,
-                  "leases": [lease.as_dict()] if lease else [],
-                  "scheduler": {"last_reason": gw.manager.last_reason,
-                                "draining": sorted(gw.manager.draining)}})
+    return _json(engines_payload(_gw(request)))
 
 
 @router.post("/engines/{name}/load")
@@ -101,8 +124,7 @@ async def plan(request: Request) -> Response:
 
 @router.get("/swaps")
 async def swaps(request: Request, limit: int = Query(100, ge=1, le=1000)) -> Response:
-    gw = _gw(request)
-    return _json({"swaps": [s.__dict__ for s in gw.manager.swaps[-limit:]]})
+    return _json(swaps_payload(_gw(request), limit))
 
 
 class LeaseRequest(BaseModel):
@@ -136,8 +158,7 @@ async def heartbeat_lease(request: Request, lease_id: str) -> Response:
 
 @router.get("/leases")
 async def leases(request: Request) -> Response:
-    lease = _gw(request).manager.lease
-    return _json({"leases": [lease.as_dict()] if lease else []})
+    return _json(leases_payload(_gw(request)))
 
 
 @router.delete("/leases/{lease_id}")
@@ -149,9 +170,4 @@ async def release_lease(request: Request, lease_id: str) -> Response:
 @router.get("/adapters")
 async def adapters(request: Request) -> Response:
     """Adapters found in watched folders, and the folders that could not be used (with why)."""
-    gw = _gw(request)
-    return _json({
-        "discovered": [{"name": f.name, "base": f.base, "path": str(f.path), "rank": f.rank}
-                       for f in gw.manager.discovered.values()],
-        "problems": [{"path": p, "reason": r} for p, r in gw.manager.adapter_problems.items()],
-    })
+    return _json(adapters_payload(_gw(request)))
