@@ -123,6 +123,22 @@ class KeyAuth:
             return
         await self.app(scope, receive, send)
 
+    def local_origin(self, scope: Scope) -> str | None:
+        """The gateway's own origin as a client on this machine addresses it (scheme and a local ``Host``).
+
+        A browser sends ``Origin`` with every POST and DELETE, same-origin ones included (the console's
+        actions). A page that rebinds its DNS name to 127.0.0.1 is of its own origin too, but its Host is
+        not local, so it gets None here.
+        """
+        for key, value in scope.get("headers", ()):
+            if key == b"host":
+                raw = value.decode("latin-1").strip().lower()
+                name = host_name(raw)
+                if is_loopback_host(name) or name in self.local_names:
+                    return f"{scope.get('scheme', 'http')}://{raw}"
+                return None
+        return None
+
     def browser_check(self, scope: Scope) -> APIError | None:
         """Refuse what a browser sends on behalf of a page of another origin than the allowed ones."""
         origin = site = mode = None
@@ -133,7 +149,7 @@ class KeyAuth:
                 site = value.decode("latin-1").strip().lower()
             elif key == b"sec-fetch-mode":
                 mode = value.decode("latin-1").strip().lower()
-        if origin is not None and origin not in self.origins:
+        if origin is not None and origin not in self.origins and origin != self.local_origin(scope):
             return Forbidden(f"requests from web pages of origin {origin[:100]!r} are refused: the gateway is not "
                              "a browser API unless started with --cors-origin for that origin")
         navigation = mode == "navigate" and scope["method"] in ("GET", "HEAD")  # the user follows a link
