@@ -32,7 +32,7 @@ from engines.manager import EngineManager
 from engines.provenance import source_record, vllm_version_of
 from engines.registry import Registry, load_registry
 from engines.state import EngineState
-from gateway.api import admin, openai
+from gateway.api import admin, openai, vllm_routes
 from gateway.auth import KeyAuth
 from gateway.context import Admission, Gateway, MetricsEvents
 from gateway.errors import BadRequest, error_body, error_response
@@ -147,6 +147,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
     app = FastAPI(title="onecard", version=onecard_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.include_router(openai.router)
+    app.include_router(vllm_routes.router)
     app.include_router(admin.router)
     install_error_handlers(app)
 

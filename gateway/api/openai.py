@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -25,9 +25,14 @@ from engines.manager import Waiter
 from engines.registry import Target
 from gateway.context import Gateway
 from gateway.errors import BadRequest, PayloadTooLarge, UnknownModel, classify, error_response, sse_error_event
+from gateway.progress import HEADER as PROGRESS_HEADER
+from gateway.progress import progress_event, wanted
 from gateway.proxy import SSE_HEADERS, Call
 
 router = APIRouter()
+
+#: Builds the call for a route whose body is not a chat-style JSON object (see gateway.api.vllm_routes).
+Builder = Callable[[Gateway, Request, bytes], tuple[Call, Target]]
 
 #: Request body schemas for the OpenAPI document (the handlers read raw bytes for speed and fidelity).
 _BODY = {
@@ -116,7 +121,9 @@ def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Cal
         if opts is None:
             data["stream_options"] = {"include_usage": True}
             strip_usage = changed = True
-        elif isinstance(opts, dict) and not opts.get("include_usage"):
+        elif isinstance(opts, dict) and not opts.get("include_usage") and not opts.get("continuous_usage_stats"):
+            # With continuous_usage_stats set, include_usage would put usage on every chunk
+            # (vllm/entrypoints/serve/utils/api_utils.py, should_include_usage): left as the client sent it.
             opts["include_usage"] = True
             strip_usage = changed = True
     payload = (json.dumps(data).encode() if lenient else orjson.dumps(data)) if changed else body
@@ -125,14 +132,15 @@ def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Cal
     return call, target
 
 
-async def handle(request: Request, path: str, *, usage: bool = True) -> Response:
+async def handle(request: Request, path: str, *, usage: bool = True, build: Builder | None = None) -> Response:
     gw = gw_of(request)
     started = time.perf_counter()
     model_label = "_unknown"
     try:
         body = await read_body(request, gw.settings.max_body_bytes)
-        call, target = build_call(gw, path, body, usage=usage)
+        call, target = build_call(gw, path, body, usage=usage) if build is None else build(gw, request, body)
         call.started = started
+        call.progress = call.stream and wanted(call.path, request.headers.get(PROGRESS_HEADER))
         model_label = call.model
         return await dispatch(gw, call, target)
     except OnecardError as e:
@@ -201,7 +209,10 @@ async def waiting_stream(
     try:
         while not task.done():
             pos = gw.manager.queue_position(call.model, waiter)
-            yield f": waiting for model {call.model} (queue position {pos})\n\n".encode()
+            if call.progress:
+                yield progress_event(call.model, target.served_name, pos, time.perf_counter() - call.started)
+            else:
+                yield f": waiting for model {call.model} (queue position {pos})\n\n".encode()
             await asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s)
         engine = task.result()
     except OnecardError as e:
