@@ -21,6 +21,9 @@ from pathlib import Path
 from engines.cpu_setup import _child_env, _locked, _run, default_home
 from tests.real.lm_eval_env import OFFLINE_ENV, TORCH_CONSTRAINT
 
+#: Offline, and LiteLLM reads its model cost map from its own package instead of fetching it.
+TOOL_ENV = {**OFFLINE_ENV, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+
 READY_MARKER = ".onecard-ready"
 
 
@@ -36,12 +39,14 @@ ALPACA_EVAL = Tool(
     "alpaca-eval",
     "0.6.6",
     ("alpaca-eval==0.6.6",),
-    "import importlib.metadata as m\nimport alpaca_eval.main, alpaca_eval.decoders.openai\nprint(m.version('alpaca_eval'))\n",
+    "import importlib.metadata as m\nimport alpaca_eval.main, alpaca_eval.decoders.openai\n"
+    "print(m.version('alpaca_eval'))\n",
 )
 LIGHTEVAL = Tool(
     "lighteval",
     "0.13.0",
-    ("lighteval[litellm]==0.13.0",),
+    # lighteval 0.13.0 sets litellm's disk cache, which litellm releases after 1.80 no longer have.
+    ("lighteval[litellm]==0.13.0", "litellm==1.80.0"),
     "import importlib.metadata as m\nimport litellm, lighteval.main_endpoint\n"
     "from lighteval.models.endpoints.litellm_model import LiteLLMClient\nprint(m.version('lighteval'))\n",
 )
@@ -84,8 +89,9 @@ def setup_tool(tool: Tool, home: Path | None = None, *, log: Callable[[str], Non
             what=f"pip install {tool.requirements[0]}",
             logfile=logfile,
         )
-        out = _run([python, "-c", tool.verify], what=f"{tool.venv} import check", logfile=logfile,
-                   env=_child_env(OFFLINE_ENV))
+        out = _run(
+            [python, "-c", tool.verify], what=f"{tool.venv} import check", logfile=logfile, env=_child_env(TOOL_ENV)
+        )
         version = out.strip().splitlines()[-1] if out.strip() else ""
         if not version.startswith(tool.version):
             raise RuntimeError(f"{tool.venv} import check printed {version!r}; expected {tool.version}")
