@@ -26,8 +26,7 @@ import pytest
 import yaml
 
 from tests.real.conftest import GatewayProcess
-from tests.real.lm_eval_env import OFFLINE_ENV
-from tests.real.tool_envs import ALPACA_EVAL, LIGHTEVAL, setup_tool
+from tests.real.tool_envs import ALPACA_EVAL, LIGHTEVAL, TOOL_ENV, setup_tool
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -48,7 +47,7 @@ Best model identifier:
 
 def tool_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return {**env, **OFFLINE_ENV, **extra}
+    return {**env, **TOOL_ENV, **extra}
 
 
 def token_id(gw: GatewayProcess, model: str, text: str) -> int:
@@ -120,9 +119,7 @@ def test_alpaca_eval_runs_to_its_leaderboard(demo_gateway: GatewayProcess, tmp_p
     started = time.monotonic()
     run = subprocess.run(
         [
-            str(python),
-            "-m",
-            "alpaca_eval.main",
+            str(python.parent / "alpaca_eval"),
             "evaluate",
             "--model_outputs",
             str(tmp_path / "model_outputs.json"),
@@ -136,6 +133,8 @@ def test_alpaca_eval_runs_to_its_leaderboard(demo_gateway: GatewayProcess, tmp_p
             "candidate",
             "--fn_metric",
             "get_winrate",
+            "--sort_by",
+            "win_rate",
             "--is_avoid_reannotations",
             "False",
         ],
@@ -170,9 +169,9 @@ TASKS_TABLE = [
     LightevalTaskConfig(
         name="onecard_echo",
         prompt_function=prompt,
-        hf_repo="json",
+        hf_repo="DATA_DIR",
         hf_subset="default",
-        hf_data_files={"test": "DATA"},
+        hf_avail_splits=["test"],
         evaluation_splits=["test"],
         few_shots_split=None,
         few_shots_select=None,
@@ -186,11 +185,12 @@ TASKS_TABLE = [
 
 def test_lighteval_endpoint_through_litellm(demo_gateway: GatewayProcess, tmp_path: Path) -> None:
     python = setup_tool(LIGHTEVAL)
-    data = tmp_path / "data.jsonl"
+    data = tmp_path / "data" / "test.jsonl"  # a local dataset folder: datasets reads its test split
+    data.parent.mkdir()
     data.write_text(
         "".join(json.dumps({"question": f"Repeat: {w}", "answer": w}) + "\n" for w in ("red", "blue", "green"))
     )
-    (tmp_path / "onecard_task.py").write_text(LIGHTEVAL_TASK.replace("DATA", str(data)))
+    (tmp_path / "onecard_task.py").write_text(LIGHTEVAL_TASK.replace("DATA_DIR", str(data.parent)))
     (tmp_path / "model.yaml").write_text(
         yaml.safe_dump(
             {

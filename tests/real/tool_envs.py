@@ -33,6 +33,7 @@ class Tool:
     version: str  # what the ready marker must start with
     requirements: tuple[str, ...]
     verify: str  # python run offline in the venv; its last line must start with ``version``
+    prepare: str = ""  # python run in the venv after the install, before the check
 
 
 ALPACA_EVAL = Tool(
@@ -49,6 +50,14 @@ LIGHTEVAL = Tool(
     ("lighteval[litellm]==0.13.0", "litellm==1.80.0"),
     "import importlib.metadata as m\nimport litellm, lighteval.main_endpoint\n"
     "from lighteval.models.endpoints.litellm_model import LiteLLMClient\nprint(m.version('lighteval'))\n",
+    # lighteval imports every built-in task to list them, and tiny_benchmarks then downloads its weights file
+    # unless it is there (TinyCorpusAggregator.download): an empty one keeps the import offline; the tiny
+    # benchmarks themselves cannot run offline anyway.
+    prepare=(
+        "import importlib.util, pathlib\n"
+        "spec = importlib.util.find_spec('lighteval')\n"
+        "(pathlib.Path(spec.origin).parent / 'tasks' / 'tasks' / 'tinyBenchmarks.pkl').touch()\n"
+    ),
 )
 LITELLM_PROXY = Tool(
     "litellm-proxy",
@@ -89,6 +98,8 @@ def setup_tool(tool: Tool, home: Path | None = None, *, log: Callable[[str], Non
             what=f"pip install {tool.requirements[0]}",
             logfile=logfile,
         )
+        if tool.prepare:
+            _run([python, "-c", tool.prepare], what=f"{tool.venv} preparation", logfile=logfile)
         out = _run(
             [python, "-c", tool.verify], what=f"{tool.venv} import check", logfile=logfile, env=_child_env(TOOL_ENV)
         )
