@@ -24,6 +24,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.real.conftest import GatewayProcess
 from tests.real.tool_envs import ALPACA_EVAL, LIGHTEVAL, TOOL_ENV, setup_tool
@@ -48,6 +49,17 @@ Best model identifier:
 def tool_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return {**env, **TOOL_ENV, **extra}
+
+
+def served(gw: GatewayProcess, model: str) -> float:
+    """Requests the gateway answered 200 for ``model``."""
+    text = httpx.get(gw.url + "/metrics", timeout=30).text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "onecard_requests_total" and s.labels.get("model") == model and s.labels.get("status") == "200"
+    )
 
 
 def token_id(gw: GatewayProcess, model: str, text: str) -> int:
@@ -185,6 +197,7 @@ TASKS_TABLE = [
 
 def test_lighteval_endpoint_through_litellm(demo_gateway: GatewayProcess, tmp_path: Path) -> None:
     python = setup_tool(LIGHTEVAL)
+    before = served(demo_gateway, "tiny-llama")
     data = tmp_path / "data" / "test.jsonl"  # a local dataset folder: datasets reads its test split
     data.parent.mkdir()
     data.write_text(
@@ -219,7 +232,8 @@ def test_lighteval_endpoint_through_litellm(demo_gateway: GatewayProcess, tmp_pa
             "3",
         ],
         cwd=tmp_path,
-        env=tool_env(LITELLM_LOCAL_MODEL_COST_MAP="True", OPENAI_API_KEY="unused"),
+        # A fresh HF_HOME: lighteval caches model answers there and would not ask the gateway again.
+        env=tool_env(OPENAI_API_KEY="unused", HF_HOME=str(tmp_path / "hf")),
         capture_output=True,
         text=True,
         timeout=800,
@@ -227,5 +241,6 @@ def test_lighteval_endpoint_through_litellm(demo_gateway: GatewayProcess, tmp_pa
     seconds = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-6000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    assert "exact_match" in json.dumps(results["results"])
+    assert set(results["results"]["onecard_echo|0"]) == {"em", "em_stderr"}
+    assert served(demo_gateway, "tiny-llama") == before + 3  # each sample went through the gateway
     print(f"lighteval: {seconds:.0f} s; results: {results['results']}")

@@ -46,8 +46,10 @@ ALPACA_EVAL = Tool(
 LIGHTEVAL = Tool(
     "lighteval",
     "0.13.0",
-    # lighteval 0.13.0 sets litellm's disk cache, which litellm releases after 1.80 no longer have.
-    ("lighteval[litellm]==0.13.0", "litellm==1.80.0"),
+    # lighteval 0.13.0 sets litellm's disk cache, which litellm releases after 1.80 no longer have, and
+    # calls HfApi.list_models(model_name=...) while it lists its tasks, which huggingface_hub 1.0 removed,
+    # and hashes str with xxhash, which xxhash 4 refuses.
+    ("lighteval[litellm]==0.13.0", "litellm==1.80.0", "huggingface_hub<1.0", "xxhash<4"),
     "import importlib.metadata as m\nimport litellm, lighteval.main_endpoint\n"
     "from lighteval.models.endpoints.litellm_model import LiteLLMClient\nprint(m.version('lighteval'))\n",
     # lighteval imports every built-in task to list them, and tiny_benchmarks then downloads its weights file
