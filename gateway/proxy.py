@@ -132,6 +132,7 @@ class Proxy:
         self.session = session
         self.metrics = metrics
         self._explained: dict[str, int | None] = {}  # model -> the engine pid whose death was logged
+        self._fingerprints: dict[str, tuple[str | None, str]] = {}  # model -> (engine id, its fingerprint)
 
     async def forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
         """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over."""
@@ -173,7 +174,9 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
         stats = StreamStats()
-        usage = UsageFilter(strip=call.strip_usage)
+        known = self._fingerprints.get(engine.name)
+        usage = UsageFilter(strip=call.strip_usage,
+                            fingerprint=known[1] if known and known[0] == engine.engine_id else None)
         failure: Exception | None = None
         pending = b""
         try:
@@ -208,6 +211,8 @@ class Proxy:
                 yield sse_error_event(await self._engine_error(engine, failure))
         finally:
             stats.usage = usage.usage
+            if usage.seen_fingerprint is not None:
+                self._fingerprints[engine.name] = (engine.engine_id, usage.seen_fingerprint)
             self._account_stream(call, 200 if failure is None else 502, stats)
             if failure is not None:
                 self.metrics.observe_error(call.model, "engine_failed")

@@ -8,12 +8,15 @@ event (``vllm/entrypoints/openai/chat_completion/serving.py``, ``chat_completion
 on terminal chunks only ... When include_usage is on, the trailing usage chunk overrides this").
 :class:`UsageFilter` undoes both: from the first terminal chunk on it holds the events back (the usage
 event follows at once), then stamps the usage event's fingerprint where vLLM would have put it and drops
-the usage event::
+the usage event. The fingerprint is fixed for an engine's life (vLLM computes it once, at start:
+``vllm/entrypoints/serve/utils/fingerprint.py``), so once a stream has shown it, later streams of that
+engine pass ``fingerprint=`` and nothing is held back::
 
-    f = UsageFilter(strip=True)
+    f = UsageFilter(strip=True, fingerprint=None)   # or the engine's fingerprint, when known
     out = f.feed(events)        # complete SSE events, each without its b"\\n\\n"
     out += f.flush()            # at the end of the stream: whatever is still held, unchanged
     f.usage                     # the engine's usage figures, for metrics
+    f.seen_fingerprint          # the fingerprint the usage event carried, to remember for the engine
 """
 
 from __future__ import annotations
@@ -58,9 +61,11 @@ class UsageFilter:
     """Reads the usage event of one stream and, when ``strip`` is set (the gateway asked for usage, the
     client did not), hides it and restores the terminal chunks' fingerprint."""
 
-    def __init__(self, *, strip: bool) -> None:
+    def __init__(self, *, strip: bool, fingerprint: str | None = None) -> None:
         self.strip = strip
+        self.fingerprint = fingerprint
         self.usage: dict[str, Any] | None = None
+        self.seen_fingerprint: str | None = None
         self._held: list[bytes] = []
 
     def wants(self, chunk: bytes) -> bool:
@@ -80,13 +85,18 @@ class UsageFilter:
                     data = None
             if isinstance(data, dict) and isinstance(data.get("usage"), dict):
                 self.usage = data["usage"]
+                fingerprint = data.get("system_fingerprint")
+                if isinstance(fingerprint, str):
+                    self.seen_fingerprint = fingerprint
                 if self.strip and not data.get("choices"):
-                    fingerprint = data.get("system_fingerprint")
-                    out += self._release(fingerprint if isinstance(fingerprint, str) else None)
+                    out += self._release(self.seen_fingerprint)
                     continue
             if self.strip and (self._held or (FINISHED in ev and ev.startswith(b"data: {"))):
-                self._held.append(ev)
-                continue
+                if self.fingerprint is not None and not self._held:
+                    ev = stamp_fingerprint(ev, self.fingerprint)
+                else:
+                    self._held.append(ev)
+                    continue
             out += ev + b"\n\n"
         return bytes(out)
 

@@ -143,3 +143,11 @@ def test_fingerprint_goes_before_the_fields_declared_after_it() -> None:
     )
     usage = b'data: {"object":"text_completion","choices":[],"usage":{"prompt_tokens":1}}'
     assert stamp_fingerprint(usage, "fp").endswith(b'"usage":{"prompt_tokens":1},"system_fingerprint":"fp"}')
+
+
+def test_filter_with_a_known_fingerprint_holds_nothing_back() -> None:
+    f = UsageFilter(strip=True, fingerprint="vllm-0.32.0-1a2b3c4d")
+    stamped = VLLM_TERMINAL[:-1] + b',"system_fingerprint":"vllm-0.32.0-1a2b3c4d"}\n\n'
+    assert f.feed([VLLM_TERMINAL]) == stamped  # at once: the engine's fingerprint does not change
+    assert f.feed([VLLM_USAGE, b"data: [DONE]"]) == b"data: [DONE]\n\n"
+    assert f.seen_fingerprint == "vllm-0.32.0-1a2b3c4d"
