@@ -100,10 +100,15 @@ def setup_tool(tool: Tool, home: Path | None = None, *, log: Callable[[str], Non
             what=f"pip install {tool.requirements[0]}",
             logfile=logfile,
         )
+        # Run in the venv's folder: some tools write caches into the working directory on import.
+        in_venv = f"import os\nos.chdir({str(venv)!r})\n"
         if tool.prepare:
-            _run([python, "-c", tool.prepare], what=f"{tool.venv} preparation", logfile=logfile)
+            _run([python, "-c", in_venv + tool.prepare], what=f"{tool.venv} preparation", logfile=logfile)
         out = _run(
-            [python, "-c", tool.verify], what=f"{tool.venv} import check", logfile=logfile, env=_child_env(TOOL_ENV)
+            [python, "-c", in_venv + tool.verify],
+            what=f"{tool.venv} import check",
+            logfile=logfile,
+            env=_child_env(TOOL_ENV),
         )
         version = out.strip().splitlines()[-1] if out.strip() else ""
         if not version.startswith(tool.version):
