@@ -217,7 +217,8 @@ def vllm_says(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_vllm_parser_accepts_every_engine_argv(vllm_says: dict[str, Any]) -> None:
     cases, parsed = vllm_says["cases"], vllm_says["parsed"]
     assert {reg for reg, *_ in cases} == {"shipped", "demo"}
-    assert len(cases) == len(load_registry(ROOT / "model_registry.yaml").models) + 2
+    # Every shipped model, and the demo's three engines (candidate, judge and the LoRA one).
+    assert len(cases) == len(load_registry(ROOT / "model_registry.yaml").models) + 3
     refused = [f"{reg}/{name}: {p['error']}" for (reg, name, _, _), p in zip(cases, parsed, strict=True) if not p["ok"]]
     assert refused == []
     for (reg, name, argv, expected), p in zip(cases, parsed, strict=True):
