@@ -81,10 +81,17 @@ NOT_RELAYED: Final = {
     "/v1/unload_lora_adapter": "the gateway unloads adapters itself",
     "/inference/v1/generate": "scale-out token-in/token-out path for disaggregated serving "
     "(--enable-scale-out), engine to engine, not for clients",
-    "/render": "scale-out rendering path (--enable-scale-out), engine to engine",
-    "/derender": "scale-out rendering path (--enable-scale-out), engine to engine",
-    "/v1/chat/completions/render": "scale-out rendering path (--enable-scale-out), engine to engine",
-    "/v1/completions/render": "scale-out rendering path (--enable-scale-out), engine to engine",
+    **{
+        path: "scale-out prompt rendering (--enable-scale-out, vllm/entrypoints/scale_out/), engine to engine"
+        for path in (
+            "/v1/chat/completions/render",
+            "/v1/messages/render",
+            "/v1/completions/render",
+            "/v1/responses/render",
+            "/v1/chat/completions/derender",
+            "/v1/completions/derender",
+        )
+    },
 }
 
 #: How many response ids the gateway remembers (oldest forgotten first).

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.api.vllm_routes import ResponseOwners, form_model
+from gateway.api.vllm_routes import NOT_RELAYED, RELAYED, ResponseOwners, form_model
 from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(180)
@@ -183,3 +183,8 @@ def test_response_owners_are_bounded() -> None:
     owners.remember("resp_2", "beta")
     owners.remember("resp_3", "beta")
     assert owners.owner("resp_1") is None and owners.owner("resp_2") == "beta"
+
+
+def test_not_relayed_paths_say_why_and_are_not_relayed() -> None:
+    assert set(NOT_RELAYED).isdisjoint(RELAYED)
+    assert all(len(reason) > 20 for reason in NOT_RELAYED.values())
