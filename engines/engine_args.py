@@ -59,6 +59,9 @@ def engine_args(
         args.append("--enable-sleep-mode")
     if platform is Platform.CPU:
         args.append("--enforce-eager")
+    # The gateway relays GET /tokenizer_info, which vLLM serves only with this flag
+    # (vllm/entrypoints/serve/tokenize/api_router.py, attach_router).
+    args.append("--enable-tokenizer-info-endpoint")
     args += list(model.extra_args)
     return args
 

@@ -33,7 +33,7 @@ from engines.provenance import source_record, vllm_version_of
 from engines.registry import Registry, load_registry
 from engines.state import EngineState
 from gateway import console
-from gateway.api import admin, openai
+from gateway.api import admin, openai, vllm_routes
 from gateway.auth import KeyAuth
 from gateway.bodies import AdminBodyLimit, BodyParser
 from gateway.context import Admission, Gateway, MetricsEvents
@@ -151,6 +151,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
     app = FastAPI(title="onecard", version=onecard_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.include_router(openai.router)
+    app.include_router(vllm_routes.router)
     app.include_router(admin.router)
     app.include_router(console.router)
     install_error_handlers(app)

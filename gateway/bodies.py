@@ -114,7 +114,9 @@ def prepare(body: bytes, served: Callable[[str], str | None], *, usage: bool) ->
         if opts is None:
             data["stream_options"] = {"include_usage": True}
             strip_usage = changed = True
-        elif isinstance(opts, dict) and not opts.get("include_usage"):
+        elif isinstance(opts, dict) and not opts.get("include_usage") and not opts.get("continuous_usage_stats"):
+            # With continuous_usage_stats set, include_usage would put usage on every chunk
+            # (vllm/entrypoints/serve/utils/api_utils.py, should_include_usage): left as the client sent it.
             opts["include_usage"] = True
             strip_usage = changed = True
     payload = (json.dumps(data).encode() if lenient else orjson.dumps(data)) if changed else body

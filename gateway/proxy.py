@@ -10,8 +10,9 @@ httpx's reader spends 15-25; see benchmarks/README.md); the control plane (healt
 metrics) keeps httpx. Streams are relayed event by event, never buffered; when the client goes away,
 Starlette cancels the relay and ``finally`` closes the upstream connection, so the engine aborts the
 request too; a non-stream request whose client hangs up is closed the same way. When the gateway
-asked the engine for usage on its own account (to count tokens), the usage-only event is taken out
-again, so the client receives exactly what it would have without the gateway.
+asked the engine for usage on its own account (to count tokens), the usage-only event is taken out again
+and the fingerprint put back where the engine would have sent it (:mod:`gateway.usage_events`), so the
+client receives exactly what it would have without the gateway.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from engines.rootcause import engine_dead, root_cause
 from gateway.disconnect import ClientGone
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
+from gateway.usage_events import UsageFilter
 
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server", b"te", b"trailer",
@@ -73,6 +75,11 @@ class Call:
     strip_usage: bool = False  # the gateway added include_usage; hide the usage event from the client
     extra_headers: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    method: str = "POST"
+    content_type: str = "application/json"  # a multipart body keeps its own, with its boundary
+    query: str = ""  # sent as the client sent it
+    watch: Callable[[bytes], None] | None = None  # sees a 200 body, or each chunk of a stream
+    progress: bool = False  # the client asked to see a wait for its model as reasoning (gateway.progress)
 
 
 @dataclass
@@ -127,6 +134,7 @@ class Proxy:
         self.session = session
         self.metrics = metrics
         self._explained: dict[str, int | None] = {}  # model -> the engine pid whose death was logged
+        self._fingerprints: dict[str, tuple[str | None, str]] = {}  # model -> (engine id, its fingerprint)
 
     async def forward(self, call: Call, engine: Engine, release: Callable[[], None], *,
                       gone: asyncio.Future[None] | None = None) -> Response:
@@ -161,9 +169,11 @@ class Proxy:
             gone.remove_done_callback(hung_up)
 
     async def _forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
+        url = engine.base_url + call.path + ("?" + call.query if call.query else "")
+        headers = REQUEST_HEADERS if call.content_type == "application/json" else {
+            **REQUEST_HEADERS, "Content-Type": call.content_type}
         try:
-            upstream = await self.session.post(engine.base_url + call.path, data=call.body,
-                                               headers=REQUEST_HEADERS)
+            upstream = await self.session.request(call.method, url, data=call.body or None, headers=headers)
         except UPSTREAM_ERRORS as e:
             release()
             return await self._fail(call, engine, e)
@@ -183,6 +193,8 @@ class Proxy:
             if failure is not None:
                 return await self._fail(call, engine, failure)
             self._account_body(call, upstream.status, body)
+            if call.watch is not None and upstream.status == 200:
+                call.watch(body)
             response = Response(body, status_code=upstream.status)
             response.raw_headers += upstream_headers(upstream, call.extra_headers)
             return response
@@ -195,6 +207,9 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
         stats = StreamStats()
+        known = self._fingerprints.get(engine.name)
+        usage = UsageFilter(strip=call.strip_usage,
+                            fingerprint=known[1] if known and known[0] == engine.engine_id else None)
         failure: Exception | None = None
         pending = b""
         try:
@@ -204,13 +219,17 @@ class Proxy:
                     if stats.first_token_at is None:
                         stats.first_token_at = now
                     stats.last_token_at = now
-                    if pending or not chunk.endswith(b"\n\n") or b'"usage"' in chunk:
+                    if call.watch is not None:
+                        call.watch(chunk)
+                    if pending or not chunk.endswith(b"\n\n") or usage.wants(chunk):
                         pending += chunk
-                        out, pending = self._events(pending, call, stats)
+                        *events, pending = pending.split(b"\n\n")
+                        out = usage.feed(events)
                         if out:
                             yield out
                     else:
                         yield chunk
+                pending = usage.flush() + pending
                 if pending:
                     yield pending
             except UPSTREAM_ERRORS as e:
@@ -218,29 +237,18 @@ class Proxy:
             finally:
                 finish(upstream)
                 release()
-            if failure is not None:  # the slot is free again while this waits on the engine's exit
+            if failure is not None:
+                held = usage.flush()  # complete events held back for a usage event that never came
+                if held:
+                    yield held  # the slot is free again while this waits on the engine's exit
                 yield sse_error_event(await self._engine_error(engine, failure))
         finally:
+            stats.usage = usage.usage
+            if usage.seen_fingerprint is not None:
+                self._fingerprints[engine.name] = (engine.engine_id, usage.seen_fingerprint)
             self._account_stream(call, 200 if failure is None else 502, stats)
             if failure is not None:
                 self.metrics.observe_error(call.model, "engine_failed")
-
-    def _events(self, buf: bytes, call: Call, stats: StreamStats) -> tuple[bytes, bytes]:
-        """Split complete SSE events off ``buf``; read (and maybe hide) the usage event."""
-        *events, rest = buf.split(b"\n\n")
-        out = bytearray()
-        for ev in events:
-            if b'"usage"' in ev and ev.startswith(b"data: {"):
-                try:
-                    data = orjson.loads(ev[6:])
-                except orjson.JSONDecodeError:
-                    data = None
-                if isinstance(data, dict) and isinstance(data.get("usage"), dict):
-                    stats.usage = data["usage"]
-                    if call.strip_usage and not data.get("choices"):
-                        continue
-            out += ev + b"\n\n"
-        return bytes(out), rest
 
     def _account_body(self, call: Call, status: int, body: bytes) -> None:
         duration = time.perf_counter() - call.started

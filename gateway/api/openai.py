@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -25,9 +25,14 @@ from gateway.bodies import check_json_type, read_body
 from gateway.context import Gateway
 from gateway.disconnect import ClientGone, DisconnectWatch
 from gateway.errors import UnknownModel, classify, error_response, sse_error_event
+from gateway.progress import HEADER as PROGRESS_HEADER
+from gateway.progress import progress_event, wanted
 from gateway.proxy import SSE_HEADERS, Call
 
 router = APIRouter()
+
+#: Builds the call for a route whose body is not a chat-style JSON object (see gateway.api.vllm_routes).
+Builder = Callable[[Gateway, Request, bytes], Awaitable[tuple[Call, Target]]]
 
 #: Request body schemas for the OpenAPI document (the handlers read raw bytes for speed and fidelity).
 _BODY = {
@@ -76,16 +81,21 @@ async def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tup
     return call, target
 
 
-async def handle(request: Request, path: str, *, usage: bool = True) -> Response:
+async def handle(request: Request, path: str, *, usage: bool = True, build: Builder | None = None) -> Response:
     gw = gw_of(request)
     started = time.perf_counter()
     model_label = "_unknown"
     watch = DisconnectWatch(request.receive)
     try:
-        check_json_type(request.headers.get("content-type"))
+        if build is None:  # a JSON route; a builder checks its own body type
+            check_json_type(request.headers.get("content-type"))
         body = await read_body(request, gw.settings.max_body_bytes)
-        call, target = await build_call(gw, path, body, usage=usage)
+        if build is None:
+            call, target = await build_call(gw, path, body, usage=usage)
+        else:
+            call, target = await build(gw, request, body)
         call.started = started
+        call.progress = call.stream and wanted(call.path, request.headers.get(PROGRESS_HEADER))
         model_label = call.model
         return await dispatch(gw, call, target, watch)
     except OnecardError as e:
@@ -179,7 +189,10 @@ async def waiting_stream(
     try:
         while not task.done():
             pos = gw.manager.queue_position(call.model, waiter)
-            yield f": waiting for model {call.model} (queue position {pos})\n\n".encode()
+            if call.progress:
+                yield progress_event(call.model, target.served_name, pos, time.perf_counter() - call.started)
+            else:
+                yield f": waiting for model {call.model} (queue position {pos})\n\n".encode()
             await asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s)
         engine = task.result()
     except OnecardError as e:

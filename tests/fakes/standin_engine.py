@@ -112,7 +112,7 @@ from urllib.parse import parse_qs
 import orjson
 import uvicorn
 
-from tests.fakes import simcard
+from tests.fakes import simcard, standin_routes
 
 VLLM_VERSION: Final = "0.32.0"
 DEFAULT_MAX_MODEL_LEN: Final = 8192
@@ -601,6 +601,14 @@ class _Job:
     logprobs: int | None = None
     return_token_ids: bool = False
     echo_text: str = ""  # chat: the last message's content, echoed when `echo` is set
+    fingerprint: str | None = None
+
+    def stamp(self, chunk: JSON, finish: str | None) -> None:
+        """vLLM 0.32 stamps ``system_fingerprint`` on a stream's terminal chunks only when no usage chunk
+        follows (``vllm/entrypoints/openai/chat_completion/serving.py`` and ``completion/serving.py``,
+        the stream generators); otherwise the usage chunk carries it."""
+        if finish is not None and not self.include_usage and self.fingerprint is not None:
+            chunk["system_fingerprint"] = self.fingerprint
 
     @property
     def prompt_tokens(self) -> int:
@@ -778,6 +786,11 @@ class StandInEngine:
         self.awake = asyncio.Event()
         self.awake.set()
         self.last_request: JSON = {}
+        self.stored_responses: dict[str, JSON] = {}
+        # vLLM's default ``--fingerprint-mode full``: ``vllm-<version>-<hash8 of the config>``
+        # (``vllm/entrypoints/serve/utils/fingerprint.py``, ``build_system_fingerprint``).
+        config = f"{args.model}|{args.max_model_len}|{args.enable_lora}|{args.max_lora_rank}"
+        self.fingerprint = f"vllm-{VLLM_VERSION}-{zlib.crc32(config.encode()):08x}"
         self.routes: dict[str, dict[str, Handler]] = {
             "/health": {"GET": self._health},
             "/ping": {"GET": self._health, "POST": self._health},
@@ -791,6 +804,7 @@ class StandInEngine:
             "/metrics": {"GET": self._metrics},
             "/standin/stats": {"GET": self._stats},
             "/standin/last_request": {"GET": self._last_request},
+            **standin_routes.routes(self),  # vLLM's other model routes, answered in its shapes
         }
         if dev_mode:
             self.routes["/sleep"] = {"POST": self._sleep}
@@ -813,7 +827,7 @@ class StandInEngine:
                     return
         if scope["type"] != "http":
             return
-        methods = self.routes.get(scope["path"])
+        methods = self.routes.get(scope["path"]) or standin_routes.dynamic(self, scope["path"])
         handler = methods.get(scope["method"]) if methods is not None else None
         try:
             if handler is not None:
@@ -962,7 +976,8 @@ class StandInEngine:
             raise _bad("`stream_options` must be an object.", "stream_options")
         if options and not stream:
             raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
-        include_usage = bool(options.get("include_usage", True)) if options else False
+        # StreamOptions.include_usage defaults to False (vllm/entrypoints/generate/base/protocol.py).
+        include_usage = bool(options.get("include_usage")) if options else False
         if self.sim is not None and self.sim.garbage(seed_name):  # discarded weights answer something else
             seed_name += "\0discarded weights"
         seqs: list[_Seq] = []
@@ -982,6 +997,7 @@ class StandInEngine:
             include_usage=include_usage,
             continuous_usage=include_usage and bool(options and options.get("continuous_usage_stats")),
             echo=bool(req.get("echo")),
+            fingerprint=self.fingerprint,
         )
 
     async def _run(self, receive: Receive, send: Send, job: _Job,
@@ -1103,7 +1119,7 @@ class StandInEngine:
             })
         body = {
             "id": job.request_id, "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": choices, "service_tier": None, "system_fingerprint": None,
+            "choices": choices, "service_tier": None, "system_fingerprint": job.fingerprint,
             "usage": {**job.usage(), "prompt_tokens_details": None}, "kv_transfer_params": None,
         }
         await _respond(send, 200, orjson.dumps(body))
@@ -1117,6 +1133,7 @@ class StandInEngine:
                        "model": job.model, "choices": [choice]}
         if usage is not None:
             chunk["usage"] = usage
+        job.stamp(chunk, finish)
         return chunk
 
     async def _stream_completion(self, run: _Run, send: Send, job: _Job) -> bool:
@@ -1166,7 +1183,7 @@ class StandInEngine:
     async def _finish_stream(self, send: Send, job: _Job, kind: str) -> None:
         if job.include_usage:
             final = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model,
-                     "choices": [], "usage": job.usage()}
+                     "choices": [], "usage": job.usage(), "system_fingerprint": job.fingerprint}
             await _chunk(send, b"data: " + orjson.dumps(final) + b"\n\n")
         await send({"type": "http.response.body", "body": _DONE})
 
@@ -1230,7 +1247,7 @@ class StandInEngine:
                             "finish_reason": job.finish_reason, "stop_reason": None, "token_ids": None})
         body = {
             "id": job.request_id, "object": "chat.completion", "created": job.created, "model": job.model,
-            "choices": choices, "service_tier": None, "system_fingerprint": None,
+            "choices": choices, "service_tier": None, "system_fingerprint": job.fingerprint,
             "usage": {**job.usage(), "prompt_tokens_details": None}, "prompt_logprobs": None,
             "prompt_token_ids": None, "kv_transfer_params": None,
         }
@@ -1248,6 +1265,7 @@ class StandInEngine:
                        "model": job.model, "choices": [choice]}
         if usage is not None:
             chunk["usage"] = usage
+        job.stamp(chunk, finish)
         return chunk
 
     async def _stream_chat(self, run: _Run, send: Send, job: _Job) -> bool:
@@ -1616,5 +1634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the importable module, so that standin_routes shares its classes
+    from tests.fakes import standin_engine
+
+    sys.exit(standin_engine.main())

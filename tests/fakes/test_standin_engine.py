@@ -229,14 +229,23 @@ def test_chat_stream_chunks_match_vllm(client: httpx.Client) -> None:
         list(t["choices"][0]) == ["index", "delta", "logprobs", "finish_reason", "token_ids"] for t in tokens)
     assert final["choices"][0]["finish_reason"] == "length" and final["choices"][0]["stop_reason"] is None
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
-    assert list(usage) == ["id", "object", "created", "model", "choices", "usage"]
+    # With include_usage the fingerprint rides on the usage chunk, not the terminal one
+    # (vllm/entrypoints/openai/chat_completion/serving.py, chat_completion_stream_generator).
+    assert list(usage) == ["id", "object", "created", "model", "choices", "usage", "system_fingerprint"]
+    assert "system_fingerprint" not in final and usage["system_fingerprint"].startswith("vllm-0.32.0-")
     assert len({e["id"] for e in events}) == 1 and {e["object"] for e in events} == {"chat.completion.chunk"}
     text = "".join(e["choices"][0]["delta"]["content"] for e in events[:-1])
     assert text == se.expected_text("base", se.render_chat(MESSAGES), 4)
     plain = chunks(client.post("/v1/chat/completions", json={**request, "stream_options": None, "n": 2}).text)
     assert [e["choices"][0]["index"] for e in plain] == [0, 1] + [0, 1] * 4
+    assert [list(e)[-1] for e in plain[-2:]] == ["system_fingerprint"] * 2  # each terminal chunk, no usage
+    # StreamOptions.include_usage defaults to False (vllm/entrypoints/generate/base/protocol.py).
+    continuous = chunks(client.post("/v1/chat/completions", json={
+        **request, "stream_options": {"continuous_usage_stats": True}}).text)
+    assert all("usage" not in e for e in continuous)
     logprobs = chunks(client.post("/v1/chat/completions", json={
-        **request, "logprobs": True, "top_logprobs": 2, "stream_options": {"continuous_usage_stats": True}}).text)
+        **request, "logprobs": True, "top_logprobs": 2,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}).text)
     entry = logprobs[1]["choices"][0]["logprobs"]["content"][0]
     assert entry["token"] == logprobs[1]["choices"][0]["delta"]["content"]
     assert entry["top_logprobs"][0]["token"] == entry["token"] and len(entry["top_logprobs"]) == 2
