@@ -59,6 +59,10 @@ def engine_args(
         args.append("--enable-sleep-mode")
     if platform is Platform.CPU:
         args.append("--enforce-eager")
+    # Requests are scheduled by their ``priority`` (lower first, arrival breaking ties), which the gateway
+    # sets from each user's class: vllm/config/scheduler.py ``SchedulerConfig.policy`` ("fcfs" by default),
+    # flag ``--scheduling-policy`` in vllm/engine/arg_utils.py ``EngineArgs.add_cli_args``.
+    args += ["--scheduling-policy", "priority"]
     args += list(model.extra_args)
     return args
 

@@ -140,7 +140,8 @@ def prepare_demo(home: Path | None = None, *, run_dir: Path) -> Path:
     return demo_registry(run_dir / "demo_registry.yaml", models_dir=models.base.parent, executable=executable)
 
 
-def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = None) -> None:
+def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = None,
+         users: Path | None = None) -> None:
     run_dir = run_dir or Path(os.environ.get("ONECARD_RUN_DIR", ".onecard"))
     print("onecard demo: preparing the CPU engine and tiny models (only the first run takes minutes)...", flush=True)
     registry = prepare_demo(run_dir=run_dir)
@@ -156,7 +157,7 @@ def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = No
         "  (the first request to a model starts its engine: about 20-40 s on a CPU)\n",
         flush=True,
     )
-    serve(Settings.from_env(registry, host=host, port=port, run_dir=run_dir))
+    serve(Settings.from_env(registry, host=host, port=port, run_dir=run_dir, users_path=users))
 
 
 def ps(url: str, *, admin_key: str | None = None) -> str:

@@ -142,6 +142,7 @@ def registry_argvs(registry: Registry) -> list[tuple[str, list[str], dict[str, A
             "enable_lora": spec.lora.enabled,
             "enable_sleep_mode": plan.platform is Platform.CUDA and spec.sleep_level > 0,
             "kv_cache_dtype": spec.kv_cache_dtype,
+            "scheduling_policy": "priority",  # requests carry their user's class as vLLM's priority
         }
         if spec.lora.enabled:
             expected |= {"max_lora_rank": spec.lora.max_rank, "max_loras": spec.lora.max_loras}
