@@ -50,8 +50,10 @@ def holder_refusal(pid: int, *, caller_uid: int | None) -> str | None:
     if pid == 1:
         return "pid 1 (init) never exits: a lease held by it would hold the card for ever; name your own process"
     if caller_uid is None:
-        return ("the caller's OS user cannot be told (leases are granted only to clients on this machine, "
-                "over 127.0.0.1); run `onecard lease` on the GPU box")
+        return (
+            "the caller's OS user cannot be told (leases are granted only to clients on this machine, "
+            "over 127.0.0.1); run `onecard lease` on the GPU box"
+        )
     try:
         holder_uid = psutil.Process(pid).uids().real
     except psutil.NoSuchProcess:
@@ -59,6 +61,8 @@ def holder_refusal(pid: int, *, caller_uid: int | None) -> str | None:
     except psutil.Error as e:
         return f"pid {pid} cannot be inspected ({type(e).__name__}); name one of your own processes"
     if holder_uid != caller_uid:
-        return (f"pid {pid} belongs to uid {holder_uid}, not to the caller's uid {caller_uid}: a lease must be "
-                "held by one of the caller's own processes")
+        return (
+            f"pid {pid} belongs to uid {holder_uid}, not to the caller's uid {caller_uid}: a lease must be "
+            "held by one of the caller's own processes"
+        )
     return None

@@ -176,12 +176,14 @@ def parse_users(data: object, *, where: str) -> Users:
                 hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(_FIELDS)}"
                 problems.append(f"{label}: unknown key {key!r}{hint}")
         if not isinstance(name, str) or not _NAME.match(name):
-            problems.append(f"{label}: field 'name' must be 1-63 lower-case letters, digits, '.', '_' or '-' "
-                            f"(got {name!r})")
+            problems.append(
+                f"{label}: field 'name' must be 1-63 lower-case letters, digits, '.', '_' or '-' (got {name!r})"
+            )
             continue
         if name in RESERVED_NAMES:
-            problems.append(f"{label}: field 'name': {name!r} is reserved for requests no user answers for; "
-                            "choose another name")
+            problems.append(
+                f"{label}: field 'name': {name!r} is reserved for requests no user answers for; choose another name"
+            )
         if name in seen_names:
             problems.append(f"{label}: field 'name': {name!r} appears twice; names must be unique")
         seen_names.add(name)
@@ -193,8 +195,10 @@ def parse_users(data: object, *, where: str) -> Users:
             klass = UserClass.BATCH
         digest = entry.get("key_sha256")
         if not isinstance(digest, str) or not _HEX64.match(digest):
-            problems.append(f"{label}: field 'key_sha256' must be 64 lower-case hex digits (the sha256 of the "
-                            "key); create users with `onecard user add NAME`")
+            problems.append(
+                f"{label}: field 'key_sha256' must be 64 lower-case hex digits (the sha256 of the "
+                "key); create users with `onecard user add NAME`"
+            )
             digest = ""
         elif digest in seen_keys:
             problems.append(f"{label}: field 'key_sha256' is the same as another user's; give each user a key")
@@ -204,19 +208,26 @@ def parse_users(data: object, *, where: str) -> Users:
                 problems.append(f"{label}: field {flag!r} must be true or false (got {entry[flag]!r})")
         for limit in ("max_in_flight", "max_queued"):
             if entry.get(limit) is not None and not _positive_int(entry[limit]):
-                problems.append(f"{label}: field {limit!r} must be a whole number above 0 (got {entry[limit]!r}); "
-                                "omit it for no limit")
+                problems.append(
+                    f"{label}: field {limit!r} must be a whole number above 0 (got {entry[limit]!r}); "
+                    "omit it for no limit"
+                )
         models = entry.get("models")
         if models is not None and (not isinstance(models, list) or not all(isinstance(m, str) for m in models)):
             problems.append(f"{label}: field 'models' must be a list of model names; omit it for every model")
             models = None
-        users.append(User(
-            name=name, klass=klass, admin=entry.get("admin") is True, key_sha256=digest,
-            max_in_flight=entry.get("max_in_flight") if _positive_int(entry.get("max_in_flight")) else None,
-            max_queued=entry.get("max_queued") if _positive_int(entry.get("max_queued")) else None,
-            models=frozenset(models) if models is not None else None,
-            set_priority=entry.get("set_priority") is True,
-        ))
+        users.append(
+            User(
+                name=name,
+                klass=klass,
+                admin=entry.get("admin") is True,
+                key_sha256=digest,
+                max_in_flight=entry.get("max_in_flight") if _positive_int(entry.get("max_in_flight")) else None,
+                max_queued=entry.get("max_queued") if _positive_int(entry.get("max_queued")) else None,
+                models=frozenset(models) if models is not None else None,
+                set_priority=entry.get("set_priority") is True,
+            )
+        )
     if problems:
         raise UsersError(problems)
     return Users(Path(where), tuple(users))
@@ -247,16 +258,20 @@ def check_models(users: Users, known: Iterable[str]) -> list[str]:
     for u in users.users:
         for m in sorted(u.models or ()):
             if m not in names:
-                out.append(f"{users.path}: user {u.name!r}: field 'models' names {m!r}, which the registry does not "
-                           f"have; use one of {', '.join(sorted(names)[:20])}")
+                out.append(
+                    f"{users.path}: user {u.name!r}: field 'models' names {m!r}, which the registry does not "
+                    f"have; use one of {', '.join(sorted(names)[:20])}"
+                )
     return out
 
 
 def save_users(path: Path, users: Iterable[User]) -> None:
     """Write the file atomically, readable by its owner only (the hashes are not secret, the names may be)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = ("# onecard users: keys are stored as sha256 hashes only. Add users with `onecard user add NAME`.\n"
-            + yaml.safe_dump({"users": [u.as_dict() for u in users]}, sort_keys=False))
+    body = (
+        "# onecard users: keys are stored as sha256 hashes only. Add users with `onecard user add NAME`.\n"
+        + yaml.safe_dump({"users": [u.as_dict() for u in users]}, sort_keys=False)
+    )
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".users-", suffix=".yaml")
     try:
         with os.fdopen(fd, "w") as f:
@@ -290,6 +305,8 @@ def request_class(user: User, asked: str | None) -> UserClass:
     except ValueError:
         raise ValueError(f"unknown class {asked[:40]!r}: use 'interactive' or 'batch'") from None
     if wanted.rank < user.klass.rank:
-        raise PermissionError(f"user {user.name!r} is of class {user.klass.value!r} and cannot ask for "
-                              f"{wanted.value!r}: a request may only lower its class")
+        raise PermissionError(
+            f"user {user.name!r} is of class {user.klass.value!r} and cannot ask for "
+            f"{wanted.value!r}: a request may only lower its class"
+        )
     return wanted

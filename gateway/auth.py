@@ -1,7 +1,8 @@
 """Optional bearer keys, and what browsers and relays may not do, as a small ASGI middleware in front of
 every route.
 
-- ``/health`` is always open; ``/metrics`` is open unless ``metrics_public`` is off.
+- ``/health`` is always open; ``/metrics`` is open unless ``metrics_public`` is off or the users file
+  names anyone (its counters carry the users' names): then it takes any valid key.
 - ``/admin/...`` needs an admin key; every other route needs an API key or an admin key.
 - With no keys at all, everything is open, except that admin routes answer only loopback clients.
 - Keys are compared in constant time and never logged.
@@ -161,7 +162,7 @@ class KeyAuth:
 
     def check(self, path: str, key: str | None) -> APIError | None:
         s = self.settings
-        if path in OPEN_PATHS or (path == "/metrics" and s.metrics_public):
+        if path in OPEN_PATHS or (path == "/metrics" and s.metrics_public and not self.people.named):
             return None
         user = self.people.who(key)
         is_admin = user is not None and user.admin

@@ -28,16 +28,25 @@ def users_file(args: argparse.Namespace) -> Path:
 
 
 def add_users_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--users", default=None, metavar="FILE",
-                   help="users file (default: $ONECARD_USERS, else users.yaml in the run folder)")
+    p.add_argument(
+        "--users",
+        default=None,
+        metavar="FILE",
+        help="users file (default: $ONECARD_USERS, else users.yaml in the run folder)",
+    )
 
 
 def user_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
     add = sub.add_parser("add", help="add a user and print their new key (once)")
     add.add_argument("name")
-    add.add_argument("--class", dest="klass", choices=["interactive", "batch"], default="batch",
-                     help="interactive: a person waiting (short swap wait, first in the engine); batch: harnesses")
+    add.add_argument(
+        "--class",
+        dest="klass",
+        choices=["interactive", "batch"],
+        default="batch",
+        help="interactive: a person waiting (short swap wait, first in the engine); batch: harnesses",
+    )
     add.add_argument("--admin", action="store_true", help="may use the /admin routes")
     add_users_arg(add)
     add.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
@@ -53,8 +62,10 @@ def user(args: argparse.Namespace) -> int:
     try:
         if args.user_command == "add":
             key = add_user(path, args.name, klass=UserClass(args.klass), admin=args.admin)
-            print(f"user {args.name} added to {path} (class {args.klass}{', admin' if args.admin else ''}); "
-                  "only its hash is stored, so this is the one time the key is shown:")
+            print(
+                f"user {args.name} added to {path} (class {args.klass}{', admin' if args.admin else ''}); "
+                "only its hash is stored, so this is the one time the key is shown:"
+            )
             print(key)
             return 0
         users = load_users(path)
@@ -67,8 +78,16 @@ def user(args: argparse.Namespace) -> int:
         return 0
     rows = [("name", "class", "admin", "max_in_flight", "max_queued", "models")]
     for u in users.users:
-        rows.append((u.name, u.klass.value, "yes" if u.admin else "-", str(u.max_in_flight or "-"),
-                     str(u.max_queued or "-"), ",".join(sorted(u.models)) if u.models is not None else "all"))
+        rows.append(
+            (
+                u.name,
+                u.klass.value,
+                "yes" if u.admin else "-",
+                str(u.max_in_flight or "-"),
+                str(u.max_queued or "-"),
+                ",".join(sorted(u.models)) if u.models is not None else "all",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -87,8 +106,9 @@ def usage(args: argparse.Namespace, admin_key: str | None) -> int:
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     params = {"since": args.since} if args.since else {}
     try:
-        r = httpx.get(f"{args.url.rstrip('/')}/admin/usage", params=params, headers=headers, timeout=30,
-                      trust_env=False)
+        r = httpx.get(
+            f"{args.url.rstrip('/')}/admin/usage", params=params, headers=headers, timeout=30, trust_env=False
+        )
     except httpx.HTTPError as e:
         print(f"error: cannot reach the gateway at {args.url}: {e}", file=sys.stderr)
         return 1
@@ -103,8 +123,16 @@ def usage(args: argparse.Namespace, admin_key: str | None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ("user", "model", "requests", "prompt_tokens", "completion_tokens", "queue_wait_s", "engine_seconds",
-            "swaps")
+    cols = (
+        "user",
+        "model",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "queue_wait_s",
+        "engine_seconds",
+        "swaps",
+    )
     table = [cols] + [tuple(str(row.get(c, "")) for c in cols) for row in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
     for t in table:

@@ -96,8 +96,10 @@ class UsageDb:
             return
         cols = ", ".join(FIELDS)
         sets = ", ".join(f"{f} = {f} + excluded.{f}" for f in FIELDS)
-        sql = (f"INSERT INTO usage (hour, user, model, {cols}) VALUES (?, ?, ?, {', '.join('?' * len(FIELDS))}) "
-               f"ON CONFLICT (hour, user, model) DO UPDATE SET {sets}")
+        sql = (
+            f"INSERT INTO usage (hour, user, model, {cols}) VALUES (?, ?, ?, {', '.join('?' * len(FIELDS))}) "
+            f"ON CONFLICT (hour, user, model) DO UPDATE SET {sets}"
+        )
         with self._lock:
             db = self._db()
             with db:
@@ -109,7 +111,8 @@ class UsageDb:
         with self._lock:
             cur = self._db().execute(
                 f"SELECT user, model, {sums} FROM usage WHERE hour >= ? GROUP BY user, model ORDER BY user, model",
-                (hour,))
+                (hour,),
+            )
             out = []
             for user, model, *values in cur.fetchall():
                 row: dict[str, Any] = {"user": user, "model": model}
@@ -132,17 +135,22 @@ class UserMetrics:
     def __init__(self, registry: CollectorRegistry, users: Callable[[], list[str]]) -> None:
         self.users = users
         labels = ["user", "model"]
-        self.requests = Counter("onecard_user_requests", "Requests sent to an engine, by user.", labels,
-                                registry=registry)
-        self.prompt_tokens = Counter("onecard_user_prompt_tokens", "Prompt tokens, by user.", labels,
-                                     registry=registry)
-        self.completion_tokens = Counter("onecard_user_completion_tokens", "Completion tokens, by user.", labels,
-                                         registry=registry)
-        self.queue_wait = Counter("onecard_user_queue_wait_seconds", "Seconds waited in queues, by user.", labels,
-                                  registry=registry)
-        self.engine_seconds = Counter("onecard_user_engine_seconds",
-                                      "Engine time, shared among the requests in flight, by user.", labels,
-                                      registry=registry)
+        self.requests = Counter(
+            "onecard_user_requests", "Requests sent to an engine, by user.", labels, registry=registry
+        )
+        self.prompt_tokens = Counter("onecard_user_prompt_tokens", "Prompt tokens, by user.", labels, registry=registry)
+        self.completion_tokens = Counter(
+            "onecard_user_completion_tokens", "Completion tokens, by user.", labels, registry=registry
+        )
+        self.queue_wait = Counter(
+            "onecard_user_queue_wait_seconds", "Seconds waited in queues, by user.", labels, registry=registry
+        )
+        self.engine_seconds = Counter(
+            "onecard_user_engine_seconds",
+            "Engine time, shared among the requests in flight, by user.",
+            labels,
+            registry=registry,
+        )
         self.swaps = Counter("onecard_user_swaps", "Swaps a user's request caused.", labels, registry=registry)
 
     def label(self, user: str) -> str:
@@ -150,8 +158,15 @@ class UserMetrics:
 
 
 class Usage:
-    def __init__(self, path: Path, *, registry: CollectorRegistry, users: Callable[[], list[str]],
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        registry: CollectorRegistry,
+        users: Callable[[], list[str]],
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.db = UsageDb(path)
         self.metrics = UserMetrics(registry, users)
         self.clock = clock
@@ -237,8 +252,10 @@ def parse_since(text: str | None, *, now: float) -> float | None:
     try:
         when = datetime.fromisoformat(t)
     except ValueError:
-        raise ValueError(f"since={text[:40]!r}: give an ISO date or time (2026-12-01, 2026-12-01T09:00), "
-                         "epoch seconds, or a duration back from now (90m, 24h, 7d)") from None
+        raise ValueError(
+            f"since={text[:40]!r}: give an ISO date or time (2026-12-01, 2026-12-01T09:00), "
+            "epoch seconds, or a duration back from now (90m, 24h, 7d)"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()

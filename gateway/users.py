@@ -33,8 +33,9 @@ RELOAD_CHECK_S = 1.0
 
 
 class People:
-    def __init__(self, path: Path | None, *, api_keys: frozenset[str] = frozenset(),
-                 admin_keys: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, path: Path | None, *, api_keys: frozenset[str] = frozenset(), admin_keys: frozenset[str] = frozenset()
+    ) -> None:
         self.path = path
         self.api_keys = api_keys
         self.admin_keys = admin_keys
@@ -106,8 +107,10 @@ def _matches(key: str, keys: frozenset[str]) -> bool:
 
 def share_limits(users: Users) -> tuple[dict[str, int], dict[str, int]]:
     """Each user's in-flight and queue limits, for :class:`engines.shares.Shares`."""
-    return ({u.name: u.max_in_flight for u in users.users if u.max_in_flight is not None},
-            {u.name: u.max_queued for u in users.users if u.max_queued is not None})
+    return (
+        {u.name: u.max_in_flight for u in users.users if u.max_in_flight is not None},
+        {u.name: u.max_queued for u in users.users if u.max_queued is not None},
+    )
 
 
 def set_user(scope: Scope, user: User | None) -> None:
@@ -147,5 +150,6 @@ def check_model_allowed(user: User, names: set[str]) -> None:
     """403 unless the user's ``models`` list (if any) has one of the names the request's model goes by."""
     if user.models is not None and not names & user.models:
         shown = ", ".join(sorted(user.models)[:20]) or "none"
-        raise NotPermitted(f"user {user.name!r} may not use model {sorted(names)[0]!r}; their models: {shown}",
-                        param="model")
+        raise NotPermitted(
+            f"user {user.name!r} may not use model {sorted(names)[0]!r}; their models: {shown}", param="model"
+        )
