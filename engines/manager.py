@@ -37,19 +37,11 @@ from engines.people import ANONYMOUS, UserClass
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Registry, Target
 from engines.scheduler import POLICIES, EngineView, idle_expired, queue_bound_s, victims_for_room
-from engines.shares import Shares
+from engines.shares import Shares, class_waits
 from engines.state import EngineState, wait_event
 from engines.vllm import LaunchConfig
 
 log = logging.getLogger(__name__)
-
-
-def class_waits(queue: deque[Waiter], now: float) -> tuple[tuple[str, float], ...]:
-    """The oldest wait of each request class in ``queue`` (oldest first)."""
-    oldest: dict[str, float] = {}
-    for w in queue:
-        oldest.setdefault(w.klass, now - w.since)
-    return tuple(oldest.items())
 
 
 def engine_gpu_bytes(probe: GpuProbe, pid: int) -> int:

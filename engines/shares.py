@@ -24,6 +24,13 @@ class Queued(Protocol):
     def user(self) -> str: ...
 
 
+class Timed(Protocol):
+    @property
+    def klass(self) -> str: ...
+    @property
+    def since(self) -> float: ...
+
+
 W = TypeVar("W", bound=Queued)
 
 
@@ -93,3 +100,11 @@ class Shares:
             return None
         mine = sum(1 for w in queued if w.user == user)
         return limit if mine >= limit else None
+
+
+def class_waits(queue: Iterable[Timed], now: float) -> tuple[tuple[str, float], ...]:
+    """The oldest wait of each request class in ``queue`` (oldest first), for the swap policy's views."""
+    oldest: dict[str, float] = {}
+    for w in queue:
+        oldest.setdefault(w.klass, now - w.since)
+    return tuple(oldest.items())

@@ -50,9 +50,10 @@ def server_config(app: ASGIApp, settings: Settings, *, log_level: str = "info") 
     )
 
 
-def exposure_warning(settings: Settings) -> str | None:
-    """What to warn about when the gateway is reachable from other machines with no keys."""
-    if settings.auth_enabled or is_loopback_host(settings.host):
+def exposure_warning(settings: Settings, *, users_named: bool = False) -> str | None:
+    """What to warn about when the gateway is reachable from other machines with no keys (a users file
+    that names anyone gives keys)."""
+    if settings.auth_enabled or users_named or is_loopback_host(settings.host):
         return None
     return (f"serving on {settings.host} with no keys: anyone who can reach port {settings.port} can use every "
             "model (admin routes stay limited to this machine); set ONECARD_API_KEYS and ONECARD_ADMIN_KEYS, "
@@ -64,7 +65,11 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     from gateway.app import create_app
 
     configure_logging(log_level.upper())
-    warning = exposure_warning(settings)
+    from engines.people import load_users
+    from gateway.users import users_path
+
+    named = load_users(users_path(settings.run_dir, settings.users_path)).named
+    warning = exposure_warning(settings, users_named=named)
     if warning:
         log.warning("%s", warning)
     app = create_app(settings)
