@@ -323,7 +323,7 @@ class EngineManager:
     async def wait(self, model: str, waiter: Waiter) -> Engine:
         """Wait for the owner task to admit ``waiter``, at most :func:`queue_bound_s` (then CapacityError)."""
         engine = self.engines[model]
-        bound = self.wait_bounds.get(waiter.klass, self.max_wait_s)
+        bound = self.max_wait_s  # a class's own bound forces swaps sooner; every class is as patient
 
         def expired(waited: float) -> OnecardError:
             if engine.state is EngineState.READY and model not in self.draining:  # held by the user's own limit
