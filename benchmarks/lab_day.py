@@ -119,7 +119,7 @@ def write_users(path: Path, *, classes: bool) -> dict[str, str]:
     }
 
 
-def write_lab_registry(folder: Path, *, scale: float, spawn_s: float, classes: bool) -> Path:
+def write_lab_registry(folder: Path, *, scale: float, spawn_s: float, classes: bool, interactive_wait_s: float) -> Path:
     models = [
         standin_model(p.name, gib=p.gib, max_model_len=4096, start_timeout_s=600, env=p.env(scale, spawn_s))
         for p in PROFILES
@@ -127,7 +127,7 @@ def write_lab_registry(folder: Path, *, scale: float, spawn_s: float, classes: b
     max_wait = 300.0 * scale
     scheduler = {
         "max_wait_s": max_wait,
-        "interactive_max_wait_s": (15.0 * scale) if classes else max_wait,
+        "interactive_max_wait_s": (interactive_wait_s * scale) if classes else max_wait,
         "max_queue": 4096,
         "keepalive_s": 600,
     }
@@ -247,12 +247,16 @@ def sample(server: ServerThread, day: Day, t0: float, stop: threading.Event, eve
         day.timeline.append((time.monotonic() - t0, resident, waiting and not busy))
 
 
-def run_policy(policy: str, *, scale: float, spawn_s: float, n: int, seed: int, tmp: Path) -> Day:
+def run_policy(
+    policy: str, *, scale: float, spawn_s: float, n: int, seed: int, tmp: Path, interactive_wait_s: float = 3.0
+) -> Day:
     folder = tmp / policy
     folder.mkdir(parents=True)
     classes = policy != "no-classes"
     keys = write_users(folder / "users.yaml", classes=classes)
-    registry = write_lab_registry(folder, scale=scale, spawn_s=spawn_s, classes=classes)
+    registry = write_lab_registry(
+        folder, scale=scale, spawn_s=spawn_s, classes=classes, interactive_wait_s=interactive_wait_s
+    )
     day = Day(policy)
     with running_gateway(registry, folder / "run", users_path=folder / "users.yaml") as server:
         # The owner task looks at the waits once a second (and at every arrival and release); on a clock
@@ -346,13 +350,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=96, help="requests per batch run")
     ap.add_argument("--quick", action="store_true", help="48 requests per batch run")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--interactive-wait",
+        type=float,
+        default=3.0,
+        help="scheduler.interactive_max_wait_s in lab seconds (batch: max_wait_s 300)",
+    )
     ap.add_argument("--policies", default=",".join(POLICIES))
     args = ap.parse_args(argv)
     n = 48 if args.quick else args.items
     with tempfile.TemporaryDirectory(prefix="lab-day-") as tmp:
         spawn_s = calibrate_spawn(Path(tmp))
         days = [
-            run_policy(p, scale=args.scale, spawn_s=spawn_s, n=n, seed=args.seed, tmp=Path(tmp))
+            run_policy(
+                p,
+                scale=args.scale,
+                spawn_s=spawn_s,
+                n=n,
+                seed=args.seed,
+                tmp=Path(tmp),
+                interactive_wait_s=args.interactive_wait,
+            )
             for p in args.policies.split(",")
         ]
     print(table(days))
@@ -372,7 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     png = RESULTS / "lab_day.png"
     draw(days, args.scale, png)
     out = {
-        "config": {"scale": args.scale, "items": n, "seed": args.seed, "spawn_s": spawn_s},
+        "config": {
+            "scale": args.scale,
+            "items": n,
+            "seed": args.seed,
+            "spawn_s": spawn_s,
+            "interactive_wait_s": args.interactive_wait,
+            "max_wait_s": 300,
+        },
         "days": [{k: v for k, v in asdict(d).items() if k not in ("timeline", "chats", "swap_times")} for d in days],
         "aims": aims,
         "chat_cold_start_s": {PHI.name: cold[PHI.name], MISTRAL.name: cold[MISTRAL.name]},
