@@ -326,7 +326,7 @@ class EngineManager:
         bound = self.max_wait_s  # a class's own bound forces swaps sooner; every class is as patient
 
         def expired(waited: float) -> OnecardError:
-            if engine.state is EngineState.READY and model not in self.draining:  # held by the user's own limit
+            if engine.state is EngineState.READY and not self.shares.may_start(waiter.user):  # held by their limit
                 return UserLimit(
                     f"user {waiter.user}: waited {waited:.1f} s behind their own {self.shares.limits.get(waiter.user)} "
                     f"request(s) in flight (their limit) for model {model}, past the bound of "
