@@ -62,6 +62,10 @@ def engine_args(
     # The gateway relays GET /tokenizer_info, which vLLM serves only with this flag
     # (vllm/entrypoints/serve/tokenize/api_router.py, attach_router).
     args.append("--enable-tokenizer-info-endpoint")
+    # Requests are scheduled by their ``priority`` (lower first, arrival breaking ties), which the gateway
+    # sets from each user's class: vllm/config/scheduler.py ``SchedulerConfig.policy`` ("fcfs" by default),
+    # flag ``--scheduling-policy`` in vllm/engine/arg_utils.py ``EngineArgs.add_cli_args``.
+    args += ["--scheduling-policy", "priority"]
     args += list(model.extra_args)
     return args
 

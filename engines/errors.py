@@ -8,7 +8,8 @@
      │    ├── EngineCrashed          it exited while serving
      │    └── CrashLoop              it failed too often; carries the cause and when to retry (503)
      ├── CapacityError               the plan cannot make it resident now (503, Retry-After)
-     │    └── QueueFull              too many requests are already waiting for it (503, Retry-After)
+     │    ├── QueueFull              too many requests are already waiting for it (503, Retry-After)
+     │    └── UserLimit              the user's own share is used up: in flight and queue (429, Retry-After)
      ├── LeaseError                  a GPU lease cannot be granted (409)
      └── RunFolderBusy               another gateway holds the run folder (start-up refuses)
 """
@@ -61,6 +62,10 @@ class CapacityError(OnecardError):
 
 class QueueFull(CapacityError):
     """The model's wait queue is at its limit."""
+
+
+class UserLimit(CapacityError):
+    """A user's requests beyond their in-flight limit waited past their bound, or their queue is full."""
 
 
 class LeaseError(OnecardError):

@@ -39,17 +39,18 @@ class Lease:
     evicted: tuple[str, ...] = ()
     ttl_s: float = DEFAULT_TTL_S
     expires_at: float = math.inf  # wall clock; each heartbeat moves it to now + ttl_s
+    user: str = ""  # the gateway user who asked for it
 
     @classmethod
     def new(cls, *, gib: float, holder_pid: int, label: str, ttl_s: float = DEFAULT_TTL_S,
-            now: float | None = None) -> Lease:
+            now: float | None = None, user: str = "") -> Lease:
         try:
             started = psutil.Process(holder_pid).create_time()
         except psutil.Error:
             started = 0.0
         now = time.time() if now is None else now
         return cls(lease_id=uuid.uuid4().hex[:8], gib=gib, holder_pid=holder_pid, holder_started=started,
-                   label=label, granted_at=now, ttl_s=ttl_s, expires_at=now + ttl_s)
+                   label=label, granted_at=now, ttl_s=ttl_s, expires_at=now + ttl_s, user=user)
 
     def holder_alive(self) -> bool:
         try:
@@ -106,7 +107,8 @@ class Lease:
         granted_at = number("granted_at", time.time())
         return cls(lease_id=lease_id, gib=gib, holder_pid=holder_pid, holder_started=number("holder_started"),
                    label=str(d.get("label", ""))[:200], granted_at=granted_at, evicted=tuple(evicted),
-                   ttl_s=ttl_s, expires_at=number("expires_at", granted_at + ttl_s))
+                   ttl_s=ttl_s, expires_at=number("expires_at", granted_at + ttl_s),
+                   user=str(d.get("user", ""))[:64])
 
 
 def restorable(saved: object, *, now: float) -> tuple[Lease | None, str]:

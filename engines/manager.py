@@ -29,13 +29,15 @@ import psutil
 from engines.adapters import FoundAdapter, scan_adapters
 from engines.deadlines import await_admission, queue_expired
 from engines.engine import Engine, RestartPolicy
-from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, QueueFull
+from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, QueueFull, UserLimit
 from engines.gpu import GpuProbe
 from engines.leases import DEFAULT_TTL_S, Lease, restorable
 from engines.leftovers import RunLock, StateFile
+from engines.people import ANONYMOUS, UserClass
 from engines.planner import Plan, Verdict, plan_registry
 from engines.registry import Registry, Target
 from engines.scheduler import POLICIES, EngineView, idle_expired, queue_bound_s, victims_for_room
+from engines.shares import Shares, class_waits
 from engines.state import EngineState, wait_event
 from engines.vllm import LaunchConfig
 
@@ -67,12 +69,15 @@ class ManagerEvents:
     def queue_waited(self, model: str, seconds: float) -> None: ...
     def lease_changed(self, active: bool, gib: float) -> None: ...
     def restarted(self, model: str) -> None: ...
+    def swap_caused(self, model: str, user: str) -> None: ...
 
 
 @dataclass
 class Waiter:
     future: asyncio.Future[None]
     since: float = field(default_factory=time.monotonic)
+    user: str = ANONYMOUS
+    klass: str = UserClass.BATCH.value
 
 
 @dataclass
@@ -141,6 +146,10 @@ class EngineManager:
         self.max_wait_s = registry.scheduler.max_wait_s
         self.max_queue = registry.scheduler.max_queue
         self.policy = POLICIES[registry.scheduler.policy]
+        #: Each request class's wait bound in the swap policy: interactive requests force a swap sooner.
+        self.wait_bounds = {UserClass.BATCH.value: self.max_wait_s, UserClass.INTERACTIVE.value: min(
+            self.max_wait_s, registry.scheduler.interactive_max_wait_s)}
+        self.shares = Shares()
         self._tick_s = tick_s
         self._kick = asyncio.Event()
         self._owner: asyncio.Task[None] | None = None
@@ -266,27 +275,30 @@ class EngineManager:
         finally:
             self.release(engine)
 
-    def try_acquire(self, model: str) -> Engine | None:
-        """The fast path: a resident, admitting engine with nobody queued ahead."""
+    def try_acquire(self, model: str, user: str = ANONYMOUS) -> Engine | None:
+        """The fast path: a resident, admitting engine with nobody who may go queued ahead, for a user
+        under their in-flight limit."""
         engine = self.engines[model]
         if (
             engine.state is EngineState.READY
             and model not in self.draining
             and model not in self._evicting
-            and not self.queues[model]
+            and self.shares.may_start(user)
+            and not any(self.shares.may_start(w.user) for w in self.queues[model])
         ):
             engine.acquire()
+            self.shares.started(user)
             return engine
         return None
 
-    async def acquire(self, model: str) -> Engine:
-        engine = self.try_acquire(model)
+    async def acquire(self, model: str, user: str = ANONYMOUS) -> Engine:
+        engine = self.try_acquire(model, user)
         if engine is not None:
             return engine
-        waiter = self.enqueue(model)
+        waiter = self.enqueue(model, user=user)
         return await self.wait(model, waiter)
 
-    def enqueue(self, model: str) -> Waiter:
+    def enqueue(self, model: str, *, user: str = ANONYMOUS, klass: str = UserClass.BATCH.value) -> Waiter:
         engine = self.engines[model]
         if engine.plan.verdict is Verdict.NEVER_FITS:
             raise CapacityError(f"model {model} can never fit on this GPU: {'; '.join(engine.plan.notes)}",
@@ -298,7 +310,11 @@ class EngineManager:
                 model=model,
                 retry_after=self.expected_wait_s(model),
             )
-        w = Waiter(asyncio.get_running_loop().create_future())
+        limit = self.shares.queue_full(user, (w for queue in self.queues.values() for w in queue))
+        if limit is not None:
+            raise UserLimit(f"user {user} already has {limit} requests waiting (their limit); retry later",
+                            model=model, retry_after=self.expected_wait_s(model))
+        w = Waiter(asyncio.get_running_loop().create_future(), user=user, klass=klass)
         q.append(w)
         self.events.queue_changed(model, len(q))
         self._kick.set()
@@ -307,26 +323,37 @@ class EngineManager:
     async def wait(self, model: str, waiter: Waiter) -> Engine:
         """Wait for the owner task to admit ``waiter``, at most :func:`queue_bound_s` (then CapacityError)."""
         engine = self.engines[model]
+        bound = self.max_wait_s  # a class's own bound forces swaps sooner; every class is as patient
+
+        def expired(waited: float) -> OnecardError:
+            if engine.state is EngineState.READY and not self.shares.may_start(waiter.user):  # held by their limit
+                return UserLimit(
+                    f"user {waiter.user}: waited {waited:.1f} s behind their own {self.shares.limits.get(waiter.user)} "
+                    f"request(s) in flight (their limit) for model {model}, past the bound of "
+                    f"{queue_bound_s(bound):g} s; retry later", model=model, retry_after=max(1.0, bound))
+            return queue_expired(model, waited, max_wait_s=bound, in_flight={
+                n: e.in_flight for n, e in self.engines.items() if n != model and e.in_flight})
+
         try:
             await await_admission(
-                waiter.future, since=waiter.since, bound_s=queue_bound_s(self.max_wait_s),
+                waiter.future, since=waiter.since, bound_s=queue_bound_s(bound),
                 becoming_resident=lambda: engine.state is EngineState.STARTING or self._swapping == model,
-                expired=lambda waited: queue_expired(model, waited, max_wait_s=self.max_wait_s, in_flight={
-                    n: e.in_flight for n, e in self.engines.items() if n != model and e.in_flight}))
+                expired=expired)
         except BaseException:
             q = self.queues[model]
             if waiter in q:
                 q.remove(waiter)
                 self.events.queue_changed(model, len(q))
             elif waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
-                self.release(self.engines[model])  # admitted as we were cancelled
+                self.release(self.engines[model], waiter.user)  # admitted as we were cancelled
             raise
         self.events.queue_waited(model, time.monotonic() - waiter.since)
         return self.engines[model]
 
-    def release(self, engine: Engine) -> None:
+    def release(self, engine: Engine, user: str = ANONYMOUS) -> None:
         engine.release()
-        if engine.in_flight == 0:
+        self.shares.finished(user)
+        if engine.in_flight == 0 or self.queues[engine.name]:  # waiters held by their user's limit may go
             self._kick.set()
 
     def expected_wait_s(self, model: str) -> float:
@@ -373,7 +400,7 @@ class EngineManager:
     # --- GPU leases ---------------------------------------------------------------------------------
 
     async def grant_lease(self, *, gib: float | None, holder_pid: int, label: str = "", wait: bool = False,
-                          wait_timeout_s: float = 3600, ttl_s: float | None = None) -> Lease:
+                          wait_timeout_s: float = 3600, ttl_s: float | None = None, user: str = "") -> Lease:
         """Reserve ``gib`` (default: all usable) for a process outside the gateway; evict what must go.
         The lease ends ``ttl_s`` (default :attr:`lease_ttl_s`) after the last heartbeat."""
         usable = self.plan.usable_gib
@@ -399,7 +426,7 @@ class EngineManager:
             if time.monotonic() >= deadline:
                 raise LeaseError("timed out waiting for the active lease to end")
         lease = Lease.new(gib=want, holder_pid=holder_pid, label=label, ttl_s=ttl_s or self.lease_ttl_s,
-                          now=self.wall_clock())
+                          now=self.wall_clock(), user=user)
         async with self._swap_lock:
             if self.lease is not None:  # another lease was granted while this one waited for the lock
                 raise LeaseError(f"lease {self.lease.lease_id} was granted first; retry after it ends")
@@ -478,6 +505,7 @@ class EngineManager:
                     ),
                     idle_s=(now - e.last_used) if e.in_flight == 0 else 0.0,
                     draining=name in self.draining,
+                    class_waits=class_waits(q, now),
                 )
             )
         return out
@@ -504,7 +532,7 @@ class EngineManager:
 
     async def _step_locked(self) -> None:
         views = self.views()
-        d = self.policy(views, fits=self.fits, max_wait_s=self.max_wait_s)
+        d = self.policy(views, fits=self.fits, max_wait_s=self.max_wait_s, wait_bounds=self.wait_bounds)
         self.draining = d.drain
         self.last_reason = d.reason
         for name in d.admit:
@@ -526,15 +554,16 @@ class EngineManager:
         await self._expire_idle(views)
 
     def _admit_all(self, name: str) -> None:
+        """Admit the model's waiters, one user at a time in turn, each up to their in-flight limit."""
         engine = self.engines[name]
         q = self.queues[name]
-        while q:
-            w = q.popleft()
-            if w.future.done():
-                continue
+        admitted, kept = self.shares.take_turns([w for w in q if not w.future.done()])
+        q.clear()
+        q.extend(kept)
+        for w in admitted:
             engine.acquire()
             w.future.set_result(None)
-        self.events.queue_changed(name, 0)
+        self.events.queue_changed(name, len(q))
 
     def _fail_waiters(self, name: str, err: OnecardError) -> None:
         q = self.queues[name]
@@ -574,6 +603,7 @@ class EngineManager:
         kind = "wake" if engine.state is EngineState.SLEEPING else ("cold" if victims else "co_load")
         waiting = self.queues[name]
         first = waiting[0].since if waiting else time.monotonic()
+        causer = waiting[0].user if waiting else None
         log.info(
             "swap: load %s (%s) evicting %s; reason: %s; %d waiting (oldest %.1f s); expected cost %.1f s",
             name, kind, list(victims) or "nothing", reason, len(waiting), time.monotonic() - first,
@@ -608,6 +638,8 @@ class EngineManager:
         self.swaps.append(SwapRecord(time.time(), name, kind, victims, seconds, reason))
         del self.swaps[:-1000]
         self.events.swapped(name, kind, seconds, reason)
+        if causer is not None:
+            self.events.swap_caused(name, causer)
         self.draining = frozenset()
         self._admit_all(name)
 

@@ -195,6 +195,8 @@ class VllmSpec(_Strict):
 
 class SchedulerSpec(_Strict):
     max_wait_s: Annotated[float, Field(gt=0)] = 60.0
+    #: The wait bound of interactive users' requests (capped at max_wait_s, which bounds batch requests).
+    interactive_max_wait_s: Annotated[float, Field(gt=0)] = 15.0
     max_queue: Annotated[int, Field(gt=0)] = 256
     keepalive_s: Annotated[float, Field(gt=0)] = 15.0
     policy: Literal["swap-aware", "fifo"] = "swap-aware"

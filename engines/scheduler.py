@@ -3,7 +3,8 @@
 :func:`decide` never logs, sleeps or touches a process; the manager's one owner task calls it and
 carries the decision out. That keeps every swap decision testable and replaceable::
 
-    d = decide(views, fits=plan_fits, max_wait_s=60)   # views carry the waits, measured by the caller
+    d = decide(views, fits=plan_fits, max_wait_s=60,    # views carry the waits, measured by the caller
+               wait_bounds={"interactive": 15, "batch": 60})
     d.admit      # models whose waiting requests may go through now
     d.drain      # resident models that stop taking new requests because a swap is due
     d.load       # the model to make resident next (once the victims are idle)
@@ -11,11 +12,15 @@ carries the decision out. That keeps every swap decision testable and replaceabl
 
 Rules, in order:
 1. A resident model that is not being drained admits its waiters at once.
-2. The waiting model with the oldest request is the candidate to load.
+2. The waiting model whose request is most overdue is the candidate to load: each waiting request's
+   wait is measured against its class's bound (``wait_bounds``, e.g. 15 s for a person chatting, the
+   registry's ``max_wait_s`` for batch runs); with one class this is the oldest request.
 3. If it fits beside what is resident (the plan says so), load it: co-residency, no eviction.
 4. Otherwise evict the cheapest set of unpinned victims that makes room, but only once each victim's
    own queue is empty (serve the resident queue first), unless the candidate's oldest request has
-   waited past ``max_wait_s`` (no starvation). Victims are drained, then evicted when idle.
+   waited past its class's bound (no starvation). Victims are drained, then evicted when idle. So a
+   chat request for a model that is not resident waits at most its bound plus the swap, even while
+   a batch run keeps another model busy; the batch requests wait in their queue and continue after.
 5. A queued request waits at most :func:`queue_bound_s` (its own model's start aside); then it is
    refused with Retry-After (``engines.deadlines``), so a long request on a victim delays it, but
    never without bound.
@@ -23,7 +28,7 @@ Rules, in order:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engines.state import EngineState
@@ -43,6 +48,9 @@ class EngineView:
     return_cost_s: float = 30.0  # expected seconds to bring it back if evicted
     idle_s: float = 0.0
     draining: bool = False
+    #: The oldest wait per request class among the queued requests, e.g. (("interactive", 3.2),); empty:
+    #: every waiter is of one class, and ``oldest_wait_s`` is measured against ``max_wait_s``.
+    class_waits: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,14 +66,23 @@ class Decision:
 Fits = Callable[[frozenset[str]], bool]
 
 
-def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Decision:
-    """The next step for the owner task. ``fits(names)`` says whether a set can be resident together."""
+def overdue(view: EngineView, max_wait_s: float, wait_bounds: Mapping[str, float] | None) -> tuple[float, str]:
+    """How far the most pressing waiter of ``view`` is along its bound (1.0: at its bound), and its class."""
+    if not view.class_waits or not wait_bounds:
+        return view.oldest_wait_s / max_wait_s, ""
+    return max((wait / wait_bounds.get(klass, max_wait_s), klass) for klass, wait in view.class_waits)
+
+
+def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float,
+           wait_bounds: Mapping[str, float] | None = None) -> Decision:
+    """The next step for the owner task. ``fits(names)`` says whether a set can be resident together;
+    ``wait_bounds`` gives the bound of each request class (default: ``max_wait_s`` for all)."""
     by_name = {v.name: v for v in views}
     occupying = frozenset(v.name for v in views if v.occupies_memory)
     admit = frozenset(v.name for v in views if v.state is EngineState.READY and v.queued and not v.draining)
     waiting = sorted(
         (v for v in views if v.queued and v.state is not EngineState.READY and v.state is not EngineState.STARTING),
-        key=lambda v: -v.oldest_wait_s,
+        key=lambda v: (-overdue(v, max_wait_s, wait_bounds)[0], -v.oldest_wait_s),
     )
     # A model that is ready but draining has waiters too: they wait for the swap to finish.
     if not waiting:
@@ -73,7 +90,9 @@ def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Dec
     cand = waiting[0]
     if fits(occupying | {cand.name}):
         return Decision(admit=admit, load=cand.name, reason=f"{cand.name} fits beside {sorted(occupying) or 'nothing'}")
-    starving = cand.oldest_wait_s >= max_wait_s
+    pressure, klass = overdue(cand, max_wait_s, wait_bounds)
+    starving = pressure >= 1.0
+    bound = wait_bounds.get(klass, max_wait_s) if wait_bounds and klass else max_wait_s
     victims = _cheapest_victims(cand.name, [by_name[n] for n in occupying], fits, starving=starving)
     if victims is None:
         if not fits(frozenset({cand.name})):
@@ -85,7 +104,8 @@ def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Dec
     drain = frozenset(victims)
     admit = admit - drain
     reason = (
-        f"{cand.name} waited {cand.oldest_wait_s:.1f} s (bound {max_wait_s:.0f} s)" if starving
+        f"{cand.name} waited {pressure * bound:.1f} s (bound {bound:g} s{f' for {klass}' if klass else ''})"
+        if starving
         else f"{cand.name} waiting and {sorted(victims)} have no queue"
     )
     if any(by_name[v].in_flight or by_name[v].state is EngineState.STARTING for v in victims):
@@ -93,11 +113,12 @@ def decide(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Dec
     return Decision(admit=admit, drain=drain, load=cand.name, evict=victims, reason=reason)
 
 
-def decide_fifo(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float) -> Decision:
+def decide_fifo(views: Sequence[EngineView], *, fits: Fits, max_wait_s: float,
+                wait_bounds: Mapping[str, float] | None = None) -> Decision:
     """Naive first come, first served: the model of the oldest waiting request goes next, whatever the cost.
 
     A baseline for benchmarks (and what a plain queue in front of swapping engines does): a resident
-    model stops admitting as soon as an older request waits for another model.
+    model stops admitting as soon as an older request waits for another model. Classes are ignored.
     """
     by_name = {v.name: v for v in views}
     occupying = frozenset(v.name for v in views if v.occupies_memory)

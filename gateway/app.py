@@ -41,6 +41,8 @@ from gateway.errors import BadRequest, error_body, error_response
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings
+from gateway.usage import Usage
+from gateway.users import People, share_limits, users_path
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
 
 def create_app(settings: Settings, *, registry: Registry | None = None, gpu_probe: GpuProbe | None = None) -> FastAPI:
     reg = registry or load_registry(settings.registry_path)
+    people = People(users_path(settings.run_dir, settings.users_path), api_keys=settings.api_keys,
+                    admin_keys=settings.admin_keys)  # UsersError: a users file that cannot be used
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,24 +118,29 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
             session = await stack.enter_async_context(make_session(settings))
             engines: dict[str, Engine] = {}
             metrics = Metrics(version=onecard_version(), gpu_probe=probe, pid_to_model=pid_lookup(engines))
+            usage = Usage(settings.run_dir / "usage.sqlite3", registry=metrics.registry, users=people.label_names)
+            stack.push_async_callback(usage.close)  # after the engines stop: their last requests are counted
             manager = EngineManager(
                 reg,
                 client=client,
                 run_dir=settings.run_dir,
                 executable=settings.executable,
                 budget_gib=settings.budget_gib,
-                events=MetricsEvents(metrics),
+                events=MetricsEvents(metrics, usage),
                 gpu_probe=probe,
                 card_total_gib=await asyncio.to_thread(card_total_gib, probe),  # vLLM's shares are of this
             )
             stack.push_async_callback(manager.close)
+            manager.shares.set_limits(*share_limits(people.users))
+            people.on_change.append(lambda users: manager.shares.set_limits(*share_limits(users)))
             engines.update(manager.engines)
             for name in manager.engines:
                 metrics.set_engine_state(name, EngineState.STOPPED.value)
             bodies = BodyParser(settings.inline_parse_bytes)
             stack.callback(bodies.close)
             gw = Gateway(settings=settings, registry=reg, client=client, session=session, metrics=metrics,
-                         manager=manager, proxy=Proxy(session, metrics), admission=Admission(), bodies=bodies)
+                         manager=manager, proxy=Proxy(session, metrics), admission=Admission(), bodies=bodies,
+                         people=people, usage=usage)
             app.state.gw = gw
             version = asyncio.create_task(read_vllm_version(gw), name="vllm-version")
             stack.push_async_callback(cancel_all, [version])
@@ -143,6 +152,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
             tasks = [
                 asyncio.create_task(scrape_engines(gw), name="scrape-engines"),
                 asyncio.create_task(watch_gpu(gw, probe), name="watch-gpu"),
+                asyncio.create_task(usage.run(), name="usage-writer"),
             ]
             stack.push_async_callback(cancel_all, tasks)
             await asyncio.wait({version}, timeout=VERSION_WAIT_S)
@@ -172,7 +182,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
         return Response(body, media_type=content_type)
 
     app.add_middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)
-    app.add_middleware(KeyAuth, settings=settings)
+    app.add_middleware(KeyAuth, settings=settings, people=people)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])

@@ -2,7 +2,8 @@
 every route.
 
 - ``/health`` and the console page with its assets (``gateway.console.is_public``: they hold no data) are
-  always open; ``/metrics`` is open unless ``metrics_public`` is off.
+  always open; ``/metrics`` is open unless ``metrics_public`` is off or the users file names anyone (its
+  counters carry the users' names): then it takes any valid key.
 - ``/admin/...`` needs an admin key; every other route needs an API key or an admin key.
 - With no keys at all, everything is open, except that admin routes answer only loopback clients.
 - Keys are compared in constant time and never logged.
@@ -24,7 +25,6 @@ Browsers (a page the user visits may send requests to ``127.0.0.1:8000``):
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import socket
 
@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.console import is_public as is_console_page
 from gateway.errors import APIError, Forbidden, Unauthorized, error_response
 from gateway.settings import Settings
+from gateway.users import People, set_user
 
 OPEN_PATHS = frozenset({"/health"})
 #: Headers by which a relay says it forwarded the request.
@@ -88,19 +89,11 @@ def _loopback(scope: Scope) -> bool:
         return False
 
 
-def _matches(key: str | None, keys: frozenset[str]) -> bool:
-    if key is None:
-        return False
-    found = False
-    for k in keys:
-        found |= hmac.compare_digest(key.encode(), k.encode())
-    return found
-
-
 class KeyAuth:
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, people: People | None = None) -> None:
         self.app = app
         self.settings = settings
+        self.people = people or People(None, api_keys=settings.api_keys, admin_keys=settings.admin_keys)
         self.origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins)
         self.local_names = local_names()
 
@@ -108,13 +101,15 @@ class KeyAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.settings.auth_enabled:
-            key = _bearer(scope)
+        key = _bearer(scope)
+        if self.people.keys_required:
             error = self.check(scope["path"], key)
             if error is None and key is None:  # let in without a key: nothing vouches for the sender
                 error = self.browser_check(scope)
         else:
             error = self.browser_check(scope) or self.keyless_check(scope)
+        if error is None:
+            set_user(scope, self.people.who(key))
         if error is not None:
             resp = error_response(error)
             if isinstance(error, Unauthorized):
@@ -185,20 +180,22 @@ class KeyAuth:
 
     def check(self, path: str, key: str | None) -> APIError | None:
         s = self.settings
-        if path in OPEN_PATHS or is_console_page(path) or (path == "/metrics" and s.metrics_public):
+        if (path in OPEN_PATHS or is_console_page(path)
+                or (path == "/metrics" and s.metrics_public and not self.people.named)):
             return None
-        is_admin = _matches(key, s.admin_keys)
+        user = self.people.who(key)
+        is_admin = user is not None and user.admin
         if path.startswith("/admin"):
             if is_admin:
                 return None
             if key is None:
                 return Unauthorized("this route needs the admin key: send 'Authorization: Bearer <admin key>'")
-            if not _matches(key, s.api_keys):
+            if user is None:
                 return Unauthorized("the key sent is not valid; this route needs the admin key")
-            if not s.admin_keys:
+            if not s.admin_keys and not any(u.admin for u in self.people.current().users):
                 return Forbidden("admin routes are closed: no admin key is configured (set ONECARD_ADMIN_KEYS)")
             return Forbidden("this route needs the admin key; the key sent is not an admin key")
-        if is_admin or _matches(key, s.api_keys) or not s.api_keys:
+        if user is not None or not (s.api_keys or self.people.named):  # only admin keys: the API stays open
             return None
         if key is None:
             return Unauthorized("an API key is required: send 'Authorization: Bearer <key>'")

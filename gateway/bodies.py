@@ -91,9 +91,11 @@ def parse_json(body: bytes) -> tuple[dict[str, Any], bool]:
     return data, lenient
 
 
-def prepare(body: bytes, served: Callable[[str], str | None], *, usage: bool) -> Parsed:
+def prepare(body: bytes, served: Callable[[str], str | None], *, usage: bool, priority: int | None = None,
+            keep_priority: bool = False) -> Parsed:
     """Parse ``body`` and rewrite what the gateway must: ``model`` to the engine's served name (when
-    ``served`` knows the name) and, for a stream, ``stream_options.include_usage`` when ``usage``.
+    ``served`` knows the name), for a stream ``stream_options.include_usage`` when ``usage``, and vLLM's
+    ``priority`` when given (the sender's class; a client's own value is kept only with ``keep_priority``).
     Everything else is sent as the client wrote it (the original bytes when nothing changed)."""
     data, lenient = parse_json(body)
     name = data.get("model")
@@ -119,14 +121,21 @@ def prepare(body: bytes, served: Callable[[str], str | None], *, usage: bool) ->
             # (vllm/entrypoints/serve/utils/api_utils.py, should_include_usage): left as the client sent it.
             opts["include_usage"] = True
             strip_usage = changed = True
+    # vLLM reads a missing priority as 0 (vllm/entrypoints/openai/completion/protocol.py, ``priority``)
+    current = data.get("priority", 0)
+    if priority is not None and not (keep_priority and "priority" in data) and (
+            current != priority or isinstance(current, bool)):
+        data["priority"] = priority
+        changed = True
     payload = (json.dumps(data).encode() if lenient else orjson.dumps(data)) if changed else body
     return Parsed(model=name, stream=stream, strip_usage=strip_usage, payload=payload)
 
 
-def _prepare_in_worker(body: bytes, served: dict[str, str], usage: bool) -> Parsed | tuple[str, str | None]:
+def _prepare_in_worker(body: bytes, served: dict[str, str], usage: bool, priority: int | None,
+                       keep_priority: bool) -> Parsed | tuple[str, str | None]:
     """:func:`prepare` in the worker process; a refusal comes back as (message, param)."""
     try:
-        return prepare(body, served.get, usage=usage)
+        return prepare(body, served.get, usage=usage, priority=priority, keep_priority=keep_priority)
     except BadRequest as e:
         return e.message, e.param
 
@@ -140,15 +149,17 @@ class BodyParser:
         self._pool: ProcessPoolExecutor | None = None
 
     async def prepare(self, body: bytes, served: Callable[[str], str | None],
-                      served_names: Callable[[], dict[str, str]], *, usage: bool) -> Parsed:
+                      served_names: Callable[[], dict[str, str]], *, usage: bool, priority: int | None = None,
+                      keep_priority: bool = False) -> Parsed:
         """``served`` maps one name; ``served_names`` gives every name (what the worker is sent)."""
         if len(body) <= self.inline_bytes:
-            return prepare(body, served, usage=usage)
+            return prepare(body, served, usage=usage, priority=priority, keep_priority=keep_priority)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._pool, _prepare_in_worker, body, served_names(), usage)
+            result = await loop.run_in_executor(self._pool, _prepare_in_worker, body, served_names(), usage,
+                                                priority, keep_priority)
         except BrokenProcessPool:
             self.close()
             raise BadRequest("the request body could not be parsed: the parser ran out of memory or was "

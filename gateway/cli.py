@@ -9,6 +9,9 @@
     onecard ps    [--url http://127.0.0.1:8000]       # the engines of a running gateway
     onecard lease [--gib N] [--wait] -- COMMAND...    # borrow the card for a training run
     onecard lease release ID
+    onecard user add NAME [--class interactive|batch] [--admin] [--users FILE]   # prints the key once
+    onecard user list [--users FILE]
+    onecard usage [--since 7d] [--json]               # per user and model: requests, tokens, waits
     onecard setup-cpu-engine                          # vLLM for the CPU, in its own venv (cached)
     onecard demo-models DIR                           # build the tiny models offline
 
@@ -30,6 +33,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from gateway import cli_people
 
 if TYPE_CHECKING:
     from engines.registry import Registry
@@ -187,6 +192,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm", default=None, metavar="EXECUTABLE", help="override the registry's vllm.executable")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    cli_people.add_users_arg(p)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -196,7 +202,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.settings import Settings
 
     path = args.registry or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
-    if _load(path) is None:
+    if _load(path) is None or not _users_ok(args):
         return 1
     settings = Settings.from_env(
         Path(path),
@@ -206,6 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
         budget_gib=args.budget_gib,
         executable=args.vllm,
         cors_origins=tuple(args.cors_origin),
+        users_path=Path(args.users) if args.users else None,
     )
     serve(settings, log_level=args.log_level)
     return 0
@@ -215,6 +222,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--run-dir", default=None)
+    cli_people.add_users_arg(p)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -222,8 +230,24 @@ def _demo(args: argparse.Namespace) -> int:
 
     from gateway.serve import demo
 
-    demo(host=args.host, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None)
+    if not _users_ok(args):
+        return 1
+    demo(host=args.host, port=args.port, run_dir=Path(args.run_dir) if args.run_dir else None,
+         users=Path(args.users) if args.users else None)
     return 0
+
+
+def _users_ok(args: argparse.Namespace) -> bool:
+    """Whether the users file the gateway will read can be used; prints every problem if not."""
+    from engines.people import UsersError, load_users
+
+    path = cli_people.users_file(args)
+    try:
+        load_users(path)
+    except UsersError as e:
+        _print_problems(e.problems, str(path))
+        return False
+    return True
 
 
 def _ps_args(p: argparse.ArgumentParser) -> None:
@@ -375,6 +399,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("demo", "run the gateway with tiny CPU models (built on first run)", _demo_args, _demo),
     Subcommand("ps", "show the engines of a running gateway", _ps_args, _ps),
     Subcommand("lease", "borrow GPU memory from a running gateway while a command runs", _lease_args, _lease),
+    Subcommand("user", "add or list the people who use the gateway", cli_people.user_args, cli_people.user),
+    Subcommand("usage", "per user and model: requests, tokens, queue wait, engine-seconds, swaps",
+               cli_people.usage_args, lambda args: cli_people.usage(args, _first_admin_key())),
     Subcommand("setup-cpu-engine", "build vLLM for the CPU in its own virtual environment", _setup_args, _setup),
     Subcommand("demo-models", "build the tiny demo models offline", _demo_models_args, _demo_models),
 )

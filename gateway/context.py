@@ -23,6 +23,8 @@ from gateway.errors import Overloaded
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.settings import Settings
+from gateway.usage import Usage
+from gateway.users import People
 
 
 class Admission:
@@ -67,8 +69,9 @@ class Admission:
 class MetricsEvents(ManagerEvents):
     """Feeds engine-manager events into the metrics."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, usage: Usage | None = None) -> None:
         self.metrics = metrics
+        self.usage = usage
 
     def state_changed(self, model: str, old: EngineState, new: EngineState) -> None:
         self.metrics.on_engine_transition(model, old.value, new.value)
@@ -91,6 +94,10 @@ class MetricsEvents(ManagerEvents):
     def restarted(self, model: str) -> None:
         self.metrics.observe_restart(model)
 
+    def swap_caused(self, model: str, user: str) -> None:
+        if self.usage is not None:
+            self.usage.swap(model, user=user)
+
 
 @dataclass
 class Gateway:
@@ -103,6 +110,8 @@ class Gateway:
     proxy: Proxy
     admission: Admission = field(default_factory=Admission)
     bodies: BodyParser = field(default_factory=lambda: BodyParser(256 * 1024))
+    people: People = field(default_factory=lambda: People(None))
+    usage: Usage | None = None
     started_at: float = field(default_factory=time.time)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     vllm_version: str | None = None  # read once from the executable at start; an engine's own report wins

@@ -6,6 +6,7 @@
      ├── EngineError ...................... 502 engine_error
      │    └── CrashLoop .................... 503 engine_unavailable, Retry-After
      ├── CapacityError / QueueFull ......... 503 overloaded, Retry-After
+     │    └── UserLimit ................... 429 rate_limit_error, Retry-After (a user's own share)
      ├── LeaseError ........................ 409 lease_conflict
      └── APIError (here)
           ├── BadRequest ................... 400 invalid_request_error
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 import orjson
 from starlette.responses import Response
 
-from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError
+from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, UserLimit
 
 if TYPE_CHECKING:
     from engines.planner import Plan
@@ -113,6 +114,8 @@ def classify(exc: BaseException) -> tuple[int, str, str | None, str | None, floa
         return 503, "engine_unavailable", "engine_crash_loop", None, exc.retry_after
     if isinstance(exc, EngineError):
         return 502, "engine_error", "engine_failed", None, None
+    if isinstance(exc, UserLimit):
+        return 429, "rate_limit_error", "user_limit", None, exc.retry_after
     if isinstance(exc, CapacityError):
         return 503, "overloaded", "model_unavailable", None, exc.retry_after
     if isinstance(exc, LeaseError):

@@ -80,6 +80,12 @@ class Call:
     query: str = ""  # sent as the client sent it
     watch: Callable[[bytes], None] | None = None  # sees a 200 body, or each chunk of a stream
     progress: bool = False  # the client asked to see a wait for its model as reasoning (gateway.progress)
+    requested: str = ""  # the name the client asked for (alias, adapter or model)
+    user: str = "anonymous"  # who sent it (engines.people)
+    klass: str = "batch"  # its class: interactive or batch
+    queued_at: float | None = None  # perf_counter when it asked for an engine slot
+    #: Told (prompt, completion) tokens once the engine's usage is read, for per-user accounting.
+    on_tokens: Callable[[int, int], None] | None = None
 
 
 @dataclass
@@ -259,6 +265,8 @@ class Proxy:
             except (orjson.JSONDecodeError, AttributeError):
                 usage = None
             if isinstance(usage, dict):
+                if call.on_tokens is not None:
+                    call.on_tokens(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
                 self.metrics.observe_tokens(
                     call.model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
                     ttft_s=None, decode_s=None,
@@ -273,6 +281,8 @@ class Proxy:
             else stats.last_token_at - stats.first_token_at
         )
         usage = stats.usage or {}
+        if call.on_tokens is not None and usage:
+            call.on_tokens(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         self.metrics.observe_tokens(
             call.model, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0),
             ttft_s=ttft, decode_s=decode,

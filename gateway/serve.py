@@ -50,9 +50,10 @@ def server_config(app: ASGIApp, settings: Settings, *, log_level: str = "info") 
     )
 
 
-def exposure_warning(settings: Settings) -> str | None:
-    """What to warn about when the gateway is reachable from other machines with no keys."""
-    if settings.auth_enabled or is_loopback_host(settings.host):
+def exposure_warning(settings: Settings, *, users_named: bool = False) -> str | None:
+    """What to warn about when the gateway is reachable from other machines with no keys (a users file
+    that names anyone gives keys)."""
+    if settings.auth_enabled or users_named or is_loopback_host(settings.host):
         return None
     return (f"serving on {settings.host} with no keys: anyone who can reach port {settings.port} can use every "
             "model (admin routes stay limited to this machine); set ONECARD_API_KEYS and ONECARD_ADMIN_KEYS, "
@@ -64,7 +65,11 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     from gateway.app import create_app
 
     configure_logging(log_level.upper())
-    warning = exposure_warning(settings)
+    from engines.people import load_users
+    from gateway.users import users_path
+
+    named = load_users(users_path(settings.run_dir, settings.users_path)).named
+    warning = exposure_warning(settings, users_named=named)
     if warning:
         log.warning("%s", warning)
     app = create_app(settings)
@@ -140,7 +145,8 @@ def prepare_demo(home: Path | None = None, *, run_dir: Path) -> Path:
     return demo_registry(run_dir / "demo_registry.yaml", models_dir=models.base.parent, executable=executable)
 
 
-def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = None) -> None:
+def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = None,
+         users: Path | None = None) -> None:
     run_dir = run_dir or Path(os.environ.get("ONECARD_RUN_DIR", ".onecard"))
     print("onecard demo: preparing the CPU engine and tiny models (only the first run takes minutes)...", flush=True)
     registry = prepare_demo(run_dir=run_dir)
@@ -156,7 +162,7 @@ def demo(*, host: str = "127.0.0.1", port: int = 8000, run_dir: Path | None = No
         "  (the first request to a model starts its engine: about 20-40 s on a CPU)\n",
         flush=True,
     )
-    serve(Settings.from_env(registry, host=host, port=port, run_dir=run_dir))
+    serve(Settings.from_env(registry, host=host, port=port, run_dir=run_dir, users_path=users))
 
 
 def ps(url: str, *, admin_key: str | None = None) -> str:

@@ -35,6 +35,8 @@ class Settings:
     budget_gib: float | None = None  # overrides the registry's gpu.budget_gib
     api_keys: frozenset[str] = frozenset()
     admin_keys: frozenset[str] = frozenset()
+    #: The users file (default: ``$ONECARD_USERS``, else ``users.yaml`` in ``run_dir``).
+    users_path: Path | None = None
     metrics_public: bool = True
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
@@ -62,6 +64,8 @@ class Settings:
             "api_keys": read_keys(os.environ.get("ONECARD_API_KEYS")),
             "admin_keys": read_keys(os.environ.get("ONECARD_ADMIN_KEYS")),
         }
+        if os.environ.get("ONECARD_USERS"):
+            base["users_path"] = Path(os.environ["ONECARD_USERS"]).expanduser()
         timeout = os.environ.get("ONECARD_CLIENT_TIMEOUT_S")
         if timeout:
             try:

@@ -8,6 +8,8 @@ They need the admin key when keys are configured (see ``gateway.auth``)::
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -16,9 +18,12 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import PlainTextResponse, Response
 
+from engines.lease_owner import holder_refusal, peer_uid
 from engines.leases import MAX_TTL_S, MIN_TTL_S
 from gateway.context import Gateway
 from gateway.errors import BadRequest, UnknownModel
+from gateway.usage import parse_since
+from gateway.users import NotPermitted, user_of
 
 router = APIRouter(prefix="/admin")
 
@@ -144,8 +149,15 @@ async def grant_lease(request: Request, body: LeaseRequest) -> Response:
     if not psutil.pid_exists(body.pid):
         raise BadRequest(f"no process has pid {body.pid}: a lease is held by a running process and ends with it",
                          param="pid")
+    client, server = request.client, request.scope.get("server")
+    caller_uid = None
+    if client is not None and server is not None:
+        caller_uid = await asyncio.to_thread(peer_uid, client.host, client.port, server_port=server[1])
+    refusal = await asyncio.to_thread(holder_refusal, body.pid, caller_uid=caller_uid)
+    if refusal is not None:
+        raise NotPermitted(f"lease refused: {refusal}", param="pid")
     lease = await gw.manager.grant_lease(gib=body.gib, holder_pid=body.pid, label=body.label, wait=body.wait,
-                                         ttl_s=body.ttl_s)
+                                         ttl_s=body.ttl_s, user=user_of(request.scope).name)
     return _json(lease.as_dict(), status=201)
 
 
@@ -171,3 +183,15 @@ async def release_lease(request: Request, lease_id: str) -> Response:
 async def adapters(request: Request) -> Response:
     """Adapters found in watched folders, and the folders that could not be used (with why)."""
     return _json(adapters_payload(_gw(request)))
+
+
+@router.get("/usage")
+async def usage(request: Request, since: str | None = Query(None, max_length=64)) -> Response:
+    """Per user and model: requests, tokens, queue wait, engine-seconds and swaps, since ``since``."""
+    gw = _gw(request)
+    try:
+        start = parse_since(since, now=time.time())
+    except ValueError as e:
+        raise BadRequest(str(e), param="since") from None
+    rows = await gw.usage.rows(start) if gw.usage is not None else []
+    return _json({"since": start, "usage": rows})

@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from engines.engine import Engine
 from engines.errors import OnecardError
 from engines.manager import Waiter
+from engines.people import CLASS_PRIORITY
 from engines.registry import Target
 from gateway.bodies import check_json_type, read_body
 from gateway.context import Gateway
@@ -28,11 +29,15 @@ from gateway.errors import UnknownModel, classify, error_response, sse_error_eve
 from gateway.progress import HEADER as PROGRESS_HEADER
 from gateway.progress import progress_event, wanted
 from gateway.proxy import SSE_HEADERS, Call
+from gateway.users import CLASS_HEADER, check_model_allowed, class_of, user_of
 
 router = APIRouter()
 
 #: Builds the call for a route whose body is not a chat-style JSON object (see gateway.api.vllm_routes).
 Builder = Callable[[Gateway, Request, bytes], Awaitable[tuple[Call, Target]]]
+#: Routes whose vLLM request takes ``priority`` (chat, completions, pooling: ``priority: int = 0`` in
+#: vllm/entrypoints/openai/chat_completion/protocol.py, completion/protocol.py, pooling/base/protocol.py).
+PRIORITY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 #: Request body schemas for the OpenAPI document (the handlers read raw bytes for speed and fidelity).
 _BODY = {
@@ -66,7 +71,8 @@ def resolve(gw: Gateway, name: str) -> Target:
     return target
 
 
-async def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tuple[Call, Target]:
+async def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool, priority: int | None = None,
+                     keep_priority: bool = False) -> tuple[Call, Target]:
     def served(name: str) -> str | None:
         target = gw.resolve(name)
         return None if target is None else target.served_name
@@ -74,10 +80,12 @@ async def build_call(gw: Gateway, path: str, body: bytes, *, usage: bool) -> tup
     def served_names() -> dict[str, str]:
         return {n: s for n in gw.model_names() if (s := served(n)) is not None}
 
-    parsed = await gw.bodies.prepare(body, served, served_names, usage=usage)
+    parsed = await gw.bodies.prepare(body, served, served_names, usage=usage, priority=priority,
+                                     keep_priority=keep_priority)
     target = resolve(gw, parsed.model)
     call = Call(path=path, body=parsed.payload, model=target.model.name, stream=parsed.stream,
                 strip_usage=parsed.strip_usage, extra_headers=gw.response_headers(target.model.name))
+    call.requested = parsed.model
     return call, target
 
 
@@ -87,14 +95,20 @@ async def handle(request: Request, path: str, *, usage: bool = True, build: Buil
     model_label = "_unknown"
     watch = DisconnectWatch(request.receive)
     try:
+        user = user_of(request.scope)
+        klass = class_of(user, request.headers.get(CLASS_HEADER))
         if build is None:  # a JSON route; a builder checks its own body type
             check_json_type(request.headers.get("content-type"))
         body = await read_body(request, gw.settings.max_body_bytes)
         if build is None:
-            call, target = await build_call(gw, path, body, usage=usage)
+            call, target = await build_call(gw, path, body, usage=usage, keep_priority=user.set_priority,
+                                            priority=CLASS_PRIORITY[klass] if path in PRIORITY_PATHS else None)
         else:
             call, target = await build(gw, request, body)
+            call.requested = call.requested or target.model.name
+        check_model_allowed(user, {call.requested, target.model.name, target.served_name})
         call.started = started
+        call.user, call.klass = user.name, klass.value
         call.progress = call.stream and wanted(call.path, request.headers.get(PROGRESS_HEADER))
         model_label = call.model
         return await dispatch(gw, call, target, watch)
@@ -117,17 +131,18 @@ async def dispatch(gw: Gateway, call: Call, target: Target, watch: DisconnectWat
         await gw.admission.acquire()
     else:
         await watch.race(gw.admission.acquire(), undo=lambda _: gw.admission.release())
+    call.queued_at = time.perf_counter()
     try:
-        engine = manager.try_acquire(call.model)
+        engine = manager.try_acquire(call.model, call.user)
         if engine is None:
-            waiter = manager.enqueue(call.model)
+            waiter = manager.enqueue(call.model, user=call.user, klass=call.klass)
             task = asyncio.ensure_future(manager.wait(call.model, waiter))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved whoever awaits it
             if call.stream:
                 try:
                     await watch.race(asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s))
                 except BaseException:
-                    cancel_wait(gw, call.model, task)
+                    cancel_wait(gw, call, task)
                     raise
                 if not task.done():
                     gw.admission.release()
@@ -141,7 +156,7 @@ async def dispatch(gw: Gateway, call: Call, target: Target, watch: DisconnectWat
                 try:
                     engine = await watch.race(asyncio.shield(task))
                 except BaseException:
-                    cancel_wait(gw, call.model, task)
+                    cancel_wait(gw, call, task)
                     raise
     except BaseException:
         gw.admission.release()
@@ -150,11 +165,11 @@ async def dispatch(gw: Gateway, call: Call, target: Target, watch: DisconnectWat
                          gone=None if call.stream else watch.gone)
 
 
-def cancel_wait(gw: Gateway, model: str, task: asyncio.Future[Engine]) -> None:
+def cancel_wait(gw: Gateway, call: Call, task: asyncio.Future[Engine]) -> None:
     """Stop waiting for a slot; one granted meanwhile is given back."""
     if task.done():
         if not task.cancelled() and task.exception() is None:
-            gw.manager.release(task.result())
+            gw.manager.release(task.result(), call.user)
         return
     task.cancel()  # manager.wait leaves the queue, or gives back a slot granted as it was cancelled
 
@@ -162,13 +177,22 @@ def cancel_wait(gw: Gateway, model: str, task: asyncio.Future[Engine]) -> None:
 async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, release_admission: bool,
                   gone: asyncio.Future[None] | None = None) -> Response:
     released = False
+    usage = gw.usage
+    now = time.perf_counter()
+    queue_wait_s = now - call.queued_at if call.queued_at is not None else 0.0
+    mark = usage.begin(call.model) if usage is not None else 0.0
+    if usage is not None:
+        call.on_tokens = lambda prompt, completion: usage.tokens(call.model, user=call.user, prompt=prompt,
+                                                                 completion=completion)
 
     def release() -> None:
         nonlocal released
         if not released:
             released = True
-            gw.manager.release(engine)
+            gw.manager.release(engine, call.user)
             gw.metrics.request_finished(call.model)
+            if usage is not None:
+                usage.end(call.model, mark, user=call.user, queue_wait_s=queue_wait_s)
             if release_admission:
                 gw.admission.release()
 

@@ -555,6 +555,9 @@ class Stats:
     kv_tokens: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
     finished: dict[str, int] = field(default_factory=dict)
+    #: The ``priority`` of each inference request, in arrival order, with the start of its prompt (the last
+    #: 1000). vLLM reads a request without it as 0 (vllm/entrypoints/openai/completion/protocol.py).
+    received: list[JSON] = field(default_factory=list)
     ttft: _Histogram = field(default_factory=lambda: _Histogram(_TTFT_BUCKETS))
     e2e: _Histogram = field(default_factory=lambda: _Histogram(_E2E_BUCKETS))
 
@@ -875,7 +878,7 @@ class StandInEngine:
             "completed": s.completed, "rejected": s.rejected, "running": s.running, "waiting": s.waiting,
             "prompt_tokens": s.prompt_tokens, "generation_tokens": s.generation_tokens,
             "by_model": s.by_model, "sleeping": not self.awake.is_set(), "sleep_level": self.sleep_level,
-            "loras": sorted(self.loras), "pid": os.getpid(),
+            "loras": sorted(self.loras), "pid": os.getpid(), "received": s.received,
         }
         await _respond(send, 200, orjson.dumps(body))
 
@@ -942,6 +945,9 @@ class StandInEngine:
         """Count and record an inference request; return (answering name, generation seed name)."""
         self.stats.requests += 1
         self.last_request = {"path": scope["path"], "headers": scope["headers"], "body": req}
+        text = req.get("prompt", req.get("messages", req.get("input", "")))
+        self.stats.received.append({"priority": req.get("priority", 0), "prompt": str(text)[:80]})
+        del self.stats.received[:-1000]
         name = req.get("model")
         if name is not None and not isinstance(name, str):
             raise _bad("`model` must be a string.", "model")

@@ -65,6 +65,24 @@ def test_reproducibility_record(gateway: GatewayProcess) -> None:
     assert "--max-model-len" in info["engine_flags"] and "--port" not in info["engine_flags"]
 
 
+def test_engines_schedule_by_priority_and_answer_requests_carrying_it(gateway: GatewayProcess) -> None:
+    """Engines run vLLM's priority scheduling; a request's ``priority`` (the gateway's, or the client's
+    sent to the engine directly) is taken, whatever its value."""
+    r = httpx.post(gateway.url + "/v1/completions", timeout=120,
+                   json={"model": "candidate", "prompt": "x", "max_tokens": 2, "priority": 7})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    card = next(m for m in httpx.get(gateway.url + "/v1/models").json()["data"] if m["id"] == "tiny-llama")
+    flags = card["onecard"]["engine_flags"]
+    assert flags[flags.index("--scheduling-policy") + 1] == "priority"
+    port = engines(gateway)["tiny-llama"]["port"]
+    for priority in (-10, 0, 10):
+        direct = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "priority": priority})
+        assert direct.status_code == 200, direct.text
+        assert direct.json()["usage"]["completion_tokens"] == 3
+
+
 def test_completions_echo_logprobs_equal_the_engines_own(gateway: GatewayProcess) -> None:
     body = {"model": "tiny-llama", "prompt": "The quick brown fox", "echo": True, "logprobs": 1, "max_tokens": 0}
     via = sdk(gateway).completions.create(**body)  # type: ignore[call-overload]

@@ -56,7 +56,8 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 FIELDS = ("model", "served_model_name", "max_model_len", "quantization", "dtype", "kv_cache_dtype",
           "kv_cache_memory_bytes", "gpu_memory_utilization", "cpu_offload_gb", "enable_prefix_caching",
-          "enable_lora", "max_lora_rank", "max_loras", "enable_sleep_mode", "enforce_eager", "seed", "revision")
+          "enable_lora", "max_lora_rank", "max_loras", "enable_sleep_mode", "enforce_eager", "seed", "revision",
+          "scheduling_policy")
 request = json.load(sys.stdin)
 # Parsing only: with HF_HUB_OFFLINE set, EngineArgs.__post_init__ (vllm/engine/arg_utils.py) resolves a hub id
 # to its downloaded snapshot, and the lab's models are not downloaded here. The ModelConfig checks below
@@ -142,6 +143,7 @@ def registry_argvs(registry: Registry) -> list[tuple[str, list[str], dict[str, A
             "enable_lora": spec.lora.enabled,
             "enable_sleep_mode": plan.platform is Platform.CUDA and spec.sleep_level > 0,
             "kv_cache_dtype": spec.kv_cache_dtype,
+            "scheduling_policy": "priority",  # requests carry their user's class as vLLM's priority
         }
         if spec.lora.enabled:
             expected |= {"max_lora_rank": spec.lora.max_rank, "max_loras": spec.lora.max_loras}
