@@ -1,15 +1,17 @@
 """A day in the lab on one card, per scheduling policy, on a compressed clock.
 
 Stand-in engines (tests/fakes/standin_engine.py) behind the real gateway (in-process, on a real socket),
-sized by the plan's figures on a 24 GiB card; cold starts, prefill and decode are the lab's real-time
-figures times ``--scale``. The day:
+on the simulated 24 GiB card (:mod:`tests.fakes.simcard`, platform ``cuda``): the models are the shipped
+registry's (``model_registry.yaml``), each taking from the card what ``onecard plan`` sizes for it, so an
+eviction puts an engine to sleep and a swap back is a wake, as on the lab's GPU. Cold starts, wakes,
+prefill and decode are the lab's real-time figures times ``--scale``. The day:
 
-- two lm-eval-like batch runs, on the 8B (16 requests in flight) and on the 14B (8 in flight), which
+- two lm-eval-like batch runs, on the 8B (16 requests in flight) and on the 14B AWQ (8 in flight), which
   cannot share the card;
 - a phased judge run: every candidate answer on the 8B, then every verdict on the 70B judge (alone on
   the card);
 - three people chatting on and off (streams, seeded random pauses) with Phi-3 and Mistral 7B;
-- one fine-tune lease of 8 GiB for a while.
+- one fine-tune lease of 8 GiB for a while (the benchmark's own process takes the 8 GiB on the card).
 
 Batch clients retry a 503/429 after its Retry-After, as harnesses do. Policies, each on a fresh gateway:
 
@@ -20,7 +22,8 @@ Batch clients retry a 503/429 after its Retry-After, as harnesses do. Policies, 
   the resident requests finish, however long the resident model's queue (:func:`decide_on_demand`).
 
 Printed per policy: batch makespan (first batch request to last batch answer), interactive time to
-first token p50/p95/max, swaps (loads that evicted something), card-idle seconds (nothing in flight on
+first token p50/p95/max, swaps (loads that evicted something; how many of all loads were wakes and how
+many cold starts), card-idle seconds (nothing in flight on
 any engine while some request waited), requests lost (no 200 after retries). Each policy's day is drawn
 in ``benchmarks/results/lab_day.png``: which models are on the card over time, the swaps, and each
 interactive request's wait. Times in the table are real seconds (scaled back by ``1 / scale``)::
@@ -35,6 +38,7 @@ import asyncio
 import json
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -44,29 +48,51 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from benchmarks.judge_loop import Profile, calibrate_spawn, percentile
 from engines.people import UserClass, add_user
+from engines.planner import GIB, plan_registry
+from engines.registry import load_registry
 from engines.scheduler import Decision, EngineView, Fits, decide, decide_fifo
 from engines.state import EngineState
-from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
+from tests.fakes.simcard import ENV_LEDGER, SIDECAR, Ledger, hold
+from tests.support import ROOT, ServerThread, running_gateway, standin_executable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("classes", "no-classes", "fifo", "on-demand")
 BUDGET_GIB = 24.0
+SHIPPED = ROOT / "model_registry.yaml"
+#: A fake ``pynvml`` that reads the simulated card, so the gateway's own NVML code sees it.
+FAKE_NVML = ROOT / "tests" / "fakes" / "fake_nvml"
+#: Each checkpoint's ``quantization_config`` by the registry's ``checkpoint_quant_method`` (as in
+#: tests/gateway/test_simcard.py): the simulated card checks ``--quantization`` against it as vLLM does.
+CHECKPOINT_QUANT = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "fp8": {"quant_method": "fp8", "activation_scheme": "static"},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "float-quantized"},
+}
 
+# The shipped models on the lab's RTX 4090 (``gib`` is not used here: the plan sizes each model).
 EIGHT_B = Profile(
-    "llama-8b", "candidate", gib=14.0, cold_start_s=30.0, prefill_s=0.1, tokens_per_s=60.0, tokens=(100, 200)
+    "llama-3.1-8b-fp8", "candidate", gib=0.0, cold_start_s=30.0, prefill_s=0.1, tokens_per_s=60.0, tokens=(100, 200)
 )
 FOURTEEN_B = Profile(
-    "qwen-14b", "workhorse", gib=16.0, cold_start_s=45.0, prefill_s=0.15, tokens_per_s=40.0, tokens=(100, 200)
+    "qwen2.5-14b-awq", "workhorse", gib=0.0, cold_start_s=45.0, prefill_s=0.15, tokens_per_s=40.0, tokens=(100, 200)
 )
-JUDGE = Profile("llama-70b", "judge", gib=23.0, cold_start_s=120.0, prefill_s=1.5, tokens_per_s=3.0, tokens=(10, 30))
-PHI = Profile("phi-3", "phi", gib=8.0, cold_start_s=15.0, prefill_s=0.05, tokens_per_s=90.0, tokens=(60, 120))
+JUDGE = Profile(
+    "llama-3.1-70b-awq", "judge", gib=0.0, cold_start_s=120.0, prefill_s=1.5, tokens_per_s=3.0, tokens=(10, 30)
+)
+PHI = Profile("phi-3-mini-fp8", "phi", gib=0.0, cold_start_s=15.0, prefill_s=0.05, tokens_per_s=90.0, tokens=(60, 120))
 MISTRAL = Profile(
-    "mistral-7b", "mistral", gib=14.0, cold_start_s=30.0, prefill_s=0.1, tokens_per_s=60.0, tokens=(60, 120)
+    "mistral-7b-fp8", "mistral", gib=0.0, cold_start_s=30.0, prefill_s=0.1, tokens_per_s=60.0, tokens=(60, 120)
 )
 PROFILES = (EIGHT_B, FOURTEEN_B, JUDGE, PHI, MISTRAL)
+#: A wake from sleep level 1 in real seconds: the weights the plan puts on the card come back from pinned
+#: host RAM at about this rate (PCIe 4.0 x16, in the allocator's chunks), and the KV cache and runtime
+#: pools are allocated again (vllm/device_allocator/sleep_mode_backend.py, CuMemBackend.wake_up).
+WAKE_GIB_PER_S = 10.0
+WAKE_FIXED_S = 1.0
 
 
 def decide_on_demand(
@@ -94,6 +120,8 @@ class Day:
     ttft_p95_s: float = 0.0
     ttft_max_s: float = 0.0
     swaps: int = 0
+    wakes: int = 0  # loads that were wakes from sleep
+    cold_starts: int = 0  # loads that were cold starts
     card_idle_s: float = 0.0
     lost: int = 0
     requests: int = 0
@@ -119,30 +147,70 @@ def write_users(path: Path, *, classes: bool) -> dict[str, str]:
     }
 
 
-def write_lab_registry(folder: Path, *, scale: float, spawn_s: float, classes: bool, interactive_wait_s: float) -> Path:
-    models = [
-        standin_model(p.name, gib=p.gib, max_model_len=4096, start_timeout_s=600, env=p.env(scale, spawn_s))
-        for p in PROFILES
-    ]
+def wake_s(weights_on_card_gib: float) -> float:
+    """Real seconds a level-1 wake takes for a model with this much of its weights on the card."""
+    return WAKE_FIXED_S + weights_on_card_gib / WAKE_GIB_PER_S
+
+
+def write_lab_registry(
+    folder: Path, ledger: Ledger, *, scale: float, spawn_s: float, classes: bool, interactive_wait_s: float
+) -> tuple[Path, dict[str, dict[str, float]]]:
+    """The shipped registry's lab models on the simulated card (platform ``cuda``), each model folder holding
+    its checkpoint's ``config.json`` and the plan's weights and runtime figures for the stand-in; returns the
+    registry and, per model, the plan's figures and the scaled delays."""
+    shipped = yaml.safe_load(SHIPPED.read_text())
+    by_name = {p.name: p for p in PROFILES}
+    models = []
+    for entry in shipped["models"]:
+        if entry["name"] not in by_name:
+            continue
+        entry = dict(entry)
+        model_dir = folder / "models" / entry["name"]
+        model_dir.mkdir(parents=True)
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            **entry["architecture"],
+            "quantization_config": CHECKPOINT_QUANT[entry["checkpoint_quant_method"]],
+        }
+        (model_dir / "config.json").write_text(json.dumps(config))
+        entry["source"] = str(model_dir)
+        entry["start_timeout_s"] = 900
+        entry.pop("idle_ttl_s", None)
+        if "lora" in entry:  # the hub adapters are not here; the slots stay, sized as shipped
+            entry["lora"] = {k: v for k, v in entry["lora"].items() if k != "adapters"}
+        entry["env"] = by_name[entry["name"]].env(scale, spawn_s)
+        models.append(entry)
     max_wait = 300.0 * scale
-    scheduler = {
-        "max_wait_s": max_wait,
-        "interactive_max_wait_s": (interactive_wait_s * scale) if classes else max_wait,
-        "max_queue": 4096,
-        "keepalive_s": 600,
+    registry: dict[str, Any] = {
+        "gpu": {"budget_gib": BUDGET_GIB, "headroom_gib": 1, "platform": "cuda", "host_ram_for_sleep_gib": 64},
+        "vllm": {"executable": str(standin_executable(folder)), "env": {ENV_LEDGER: str(ledger.path)}},
+        "scheduler": {
+            "max_wait_s": max_wait,
+            "interactive_max_wait_s": (interactive_wait_s * scale) if classes else max_wait,
+            "max_queue": 4096,
+            "keepalive_s": 600,
+        },
+        "models": models,
     }
-    return write_registry(
-        folder / "registry.yaml",
-        models,
-        executable=standin_executable(folder),
-        budget_gib=BUDGET_GIB,
-        scheduler=scheduler,
-    )
+    path = folder / "registry.yaml"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    plan = plan_registry(load_registry(path))
+    sizes: dict[str, dict[str, float]] = {}
+    for m in plan.models:  # the planner's figures, so the stand-in takes from the card what the plan sizes
+        (folder / "models" / m.name / SIDECAR).write_text(
+            json.dumps({"weights_bytes": int(m.weights_gib * GIB), "runtime_bytes": int(m.overhead_gib * GIB)})
+        )
+        on_card = m.weights_gib - m.offload_gib
+        sizes[m.name] = {"total_gib": round(m.total_gib, 2), "wake_s": round(wake_s(on_card), 2)}
+    for entry in models:  # the wake: its real seconds on the compressed clock
+        entry["env"]["STANDIN_WAKE_DELAY"] = f"{sizes[entry['name']]['wake_s'] * scale:.6f}"
+    path.write_text(yaml.safe_dump(registry, sort_keys=False))
+    return path, sizes
 
 
 class Lab:
-    def __init__(self, server: ServerThread, keys: dict[str, str], scale: float, seed: int) -> None:
-        self.server, self.keys, self.scale = server, keys, scale
+    def __init__(self, server: ServerThread, keys: dict[str, str], scale: float, seed: int, ledger: Ledger) -> None:
+        self.server, self.keys, self.scale, self.ledger = server, keys, scale, ledger
         self.rng = random.Random(seed)
         self.lost = 0
         self.why: list[str] = []  # what each lost request got
@@ -200,7 +268,7 @@ class Lab:
                 self.why.append(f"chat {status}: {'no token' if ttft is None else ''}")
             self.chats.append(Chat(user, model.name, sent - self.t0, ttft, status))
 
-    async def lease(self, c: httpx.AsyncClient, at: float, hold: float) -> None:
+    async def lease(self, c: httpx.AsyncClient, at: float, duration: float) -> None:
         await asyncio.sleep(at)
         r = await c.post(
             "/admin/leases",
@@ -211,7 +279,11 @@ class Lab:
             self.lost += 1
             self.why.append(f"lease {r.status_code}: {r.text[:200]}")
             return
-        await asyncio.sleep(hold)
+        # the fine-tune takes its 8 GiB of the card, as the trainer of a real lease does
+        hold(self.ledger, pid=os.getpid(), name="fine-tune", nbytes=8 * GIB)
+        await asyncio.sleep(duration)
+        with self.ledger.transaction() as card:
+            card.holders.pop(os.getpid(), None)
         await c.delete(f"/admin/leases/{r.json()['id']}", headers={"Authorization": f"Bearer {self.keys['ops']}"})
 
     async def day(self, *, n: int) -> float:
@@ -254,10 +326,12 @@ def run_policy(
     folder.mkdir(parents=True)
     classes = policy != "no-classes"
     keys = write_users(folder / "users.yaml", classes=classes)
-    registry = write_lab_registry(
-        folder, scale=scale, spawn_s=spawn_s, classes=classes, interactive_wait_s=interactive_wait_s
+    ledger = Ledger.create(folder / "card.json", total_gib=BUDGET_GIB)
+    registry, _ = write_lab_registry(
+        folder, ledger, scale=scale, spawn_s=spawn_s, classes=classes, interactive_wait_s=interactive_wait_s
     )
     day = Day(policy)
+    os.environ[ENV_LEDGER] = str(ledger.path)  # the fake NVML reads this card
     with running_gateway(registry, folder / "run", users_path=folder / "users.yaml") as server:
         # The owner task looks at the waits once a second (and at every arrival and release); on a clock
         # compressed 50x that would be 50 lab seconds, so it looks as often in lab time as it does for real.
@@ -266,7 +340,7 @@ def run_policy(
             server.gw.manager.policy = decide_fifo
         elif policy == "on-demand":
             server.gw.manager.policy = decide_on_demand
-        lab = Lab(server, keys, scale, seed)
+        lab = Lab(server, keys, scale, seed, ledger)
         stop = threading.Event()
         every = 0.05
         sampler = threading.Thread(target=sample, args=(server, day, lab.t0, stop, every), daemon=True)
@@ -278,6 +352,8 @@ def run_policy(
             sampler.join()
         records = list(server.gw.manager.swaps)
     day.swaps = sum(1 for r in records if r.evicted)
+    day.wakes = sum(1 for r in records if r.kind == "wake")
+    day.cold_starts = sum(1 for r in records if r.kind != "wake")
     mono_to_wall = time.time() - time.monotonic()
     day.swap_times = [(r.at - mono_to_wall - lab.t0, r.model) for r in records if r.evicted]
     day.card_idle_s = sum(every for _, _, idle in day.timeline if idle) / scale
@@ -289,7 +365,19 @@ def run_policy(
 
 
 def table(days: list[Day]) -> str:
-    head = ("policy", "batch makespan s", "chat TTFT p50", "p95", "max", "swaps", "card idle s", "lost", "requests")
+    head = (
+        "policy",
+        "batch makespan s",
+        "chat TTFT p50",
+        "p95",
+        "max",
+        "swaps",
+        "wakes",
+        "cold",
+        "card idle s",
+        "lost",
+        "requests",
+    )
     rows = [head] + [
         (
             d.policy,
@@ -298,6 +386,8 @@ def table(days: list[Day]) -> str:
             f"{d.ttft_p95_s:.1f}",
             f"{d.ttft_max_s:.1f}",
             str(d.swaps),
+            str(d.wakes),
+            str(d.cold_starts),
             f"{d.card_idle_s:.0f}",
             str(d.lost),
             str(d.requests),
@@ -317,7 +407,8 @@ def draw(days: list[Day], scale: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [p.name for p in PROFILES]
-    fig, axes = plt.subplots(len(days), 1, figsize=(12, 2.6 * len(days)), sharex=True)
+    fig, grid = plt.subplots(len(days), 1, figsize=(12, 2.6 * len(days)), sharex=True, squeeze=False)
+    axes = [row[0] for row in grid]
     for ax, d in zip(axes, days, strict=True):
         for row, name in enumerate(names):
             spans: list[tuple[float, float]] = []
@@ -359,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     args = ap.parse_args(argv)
     n = 48 if args.quick else args.items
+    sys.path.insert(0, str(FAKE_NVML))  # the gateway's NVML code reads the simulated card
     with tempfile.TemporaryDirectory(prefix="lab-day-") as tmp:
         spawn_s = calibrate_spawn(Path(tmp))
         days = [
