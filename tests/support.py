@@ -8,7 +8,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -142,3 +142,13 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def until(cond: Callable[[], bool], timeout: float = 10.0, poll_s: float = 0.1) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(poll_s)
+    return cond()

@@ -6,25 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import ROOT, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import ROOT, running_gateway, standin_executable, standin_model, until, write_registry
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 def states(url: str) -> dict[str, str]:

@@ -169,6 +169,31 @@ def checkpoint(root: Path, method: str, template: Path) -> Path:
     return folder
 
 
+def ask_vllm(request: dict[str, Any], folder: Path) -> tuple[dict[str, Any], str]:
+    """Run ``VLLM_SIDE`` in the CPU build's interpreter on ``request``; its JSON answer and its stderr."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(Path.home()),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "TMPDIR": str(folder),
+    }
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-c", VLLM_SIDE],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=folder,
+        timeout=800,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer, proc.stderr
+
+
 @pytest.fixture(scope="module")
 def vllm_says(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Everything asked of vLLM in one subprocess (importing vLLM takes most of its time)."""
@@ -193,26 +218,7 @@ def vllm_says(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "parse": [argv for _, _, argv, _ in cases],
         "verify": [{"model": v["model"], "quantization": v["quantization"]} for v in verify],
     }
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(Path.home()),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "TMPDIR": str(root),
-    }
-    proc = subprocess.run(
-        [str(VLLM_PYTHON), "-c", VLLM_SIDE],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=800,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    answer = json.loads(proc.stdout)
+    answer, _ = ask_vllm(request, root)
     return {
         "cases": cases,
         "parsed": answer["parse"],
@@ -239,26 +245,10 @@ def test_vllm_parser_accepts_every_engine_argv(vllm_says: dict[str, Any]) -> Non
 def test_vllm_parser_refuses_a_bad_flag_value(tmp_path: Path) -> None:
     """The check can fail: vLLM's parser refuses what it does not take (here an unknown KV-cache dtype)."""
     request = {"parse": [["serve", "org/m", "--kv-cache-dtype", "fp9"]], "verify": []}
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(Path.home()),
-        "HF_HUB_OFFLINE": "1",
-        "TMPDIR": str(tmp_path),
-    }
-    proc = subprocess.run(
-        [str(VLLM_PYTHON), "-c", VLLM_SIDE],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=800,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (result,) = json.loads(proc.stdout)["parse"]
+    answer, stderr = ask_vllm(request, tmp_path)
+    (result,) = answer["parse"]
     assert result["ok"] is False and "SystemExit" in result["error"]
-    assert "fp9" in proc.stderr
+    assert "fp9" in stderr
 
 
 def test_vllm_model_config_agrees_with_our_quantization_rule(vllm_says: dict[str, Any]) -> None:
