@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from engines.listener import _decode
+from engines.listener import tcp_sockets
 
 
 def peer_uid(client_ip: str, client_port: int, *, server_port: int, proc_net: Path = Path("/proc/net")) -> int | None:
@@ -25,23 +25,13 @@ def peer_uid(client_ip: str, client_port: int, *, server_port: int, proc_net: Pa
         want = ipaddress.ip_address(client_ip)
     except ValueError:
         return None
-    for table in (proc_net / "tcp", proc_net / "tcp6"):
-        try:
-            lines = table.read_text().splitlines()[1:]
-        except OSError:
+    for sock in tcp_sockets(proc_net):
+        if sock.local_port != client_port or sock.remote_port != server_port:
             continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) < 8:
-                continue
-            local, _, lport = fields[1].partition(":")
-            _, _, rport = fields[2].partition(":")
-            if int(lport, 16) != client_port or int(rport, 16) != server_port:
-                continue
-            addr = _decode(local)
-            mapped = getattr(addr, "ipv4_mapped", None)
-            if addr == want or mapped == want or (isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped == addr):
-                return int(fields[7])
+        addr = sock.local
+        mapped = getattr(addr, "ipv4_mapped", None)
+        if addr == want or mapped == want or (isinstance(want, ipaddress.IPv6Address) and want.ipv4_mapped == addr):
+            return sock.uid
     return None
 
 

@@ -22,8 +22,10 @@ import contextlib
 import ipaddress
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 
@@ -74,25 +76,42 @@ def _decode(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(swapped)
 
 
-def _proc_listeners(port: int, proc_net: Path) -> list[Listener] | None:
-    found: list[Listener] = []
-    tables = [proc_net / "tcp", proc_net / "tcp6"]
-    if not tables[0].exists():
-        return None
-    for table in tables:
+class TcpSocket(NamedTuple):
+    """One row of ``/proc/net/tcp{,6}``."""
+
+    local: ipaddress.IPv4Address | ipaddress.IPv6Address
+    local_port: int
+    remote_port: int
+    state: str
+    uid: int
+    inode: int
+
+
+def tcp_sockets(proc_net: Path = Path("/proc/net")) -> Iterator[TcpSocket]:
+    """Every TCP socket of every user on this machine, from the kernel's tables (an unreadable table, such
+    as ``tcp6`` without IPv6, is skipped)."""
+    for table in (proc_net / "tcp", proc_net / "tcp6"):
         try:
             lines = table.read_text().splitlines()[1:]
-        except FileNotFoundError:  # no IPv6
+        except OSError:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != _LISTEN:
+            if len(fields) < 10:
                 continue
-            addr, _, hex_port = fields[1].partition(":")
-            if int(hex_port, 16) != port or _decode(addr) not in _CATCHES_LOOPBACK:
-                continue
-            found.append(Listener(inode=int(fields[9]), uid=int(fields[7])))
-    return found
+            addr, _, lport = fields[1].partition(":")
+            _, _, rport = fields[2].partition(":")
+            yield TcpSocket(_decode(addr), int(lport, 16), int(rport, 16), fields[3], int(fields[7]), int(fields[9]))
+
+
+def _proc_listeners(port: int, proc_net: Path) -> list[Listener] | None:
+    if not (proc_net / "tcp").exists():
+        return None
+    return [
+        Listener(inode=sock.inode, uid=sock.uid)
+        for sock in tcp_sockets(proc_net)
+        if sock.state == _LISTEN and sock.local_port == port and sock.local in _CATCHES_LOOPBACK
+    ]
 
 
 def _session_pids(session: int) -> set[int]:
