@@ -345,18 +345,15 @@ def co_resident_sets(models: tuple[ModelPlan, ...], usable_gib: float) -> tuple[
 
 
 def detect_budget_gib() -> float | None:
-    """Total memory of GPU 0 from NVML, in GiB; None when there is no GPU or no driver."""
-    try:
-        import pynvml
+    """Total memory of GPU 0 from NVML, in GiB; None when there is no GPU or no driver (the gateway's one NVML
+    path, :mod:`engines.gpu`)."""
+    from engines.gpu import NvmlProbe, card_total_gib
 
-        pynvml.nvmlInit()
-        try:
-            total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no pynvml, no driver, no device: all mean "no GPU here"
-        return None
-    return float(total) / GIB
+    probe = NvmlProbe.open()
+    try:
+        return card_total_gib(probe)
+    finally:
+        probe.close()
 
 
 def plan_registry(
