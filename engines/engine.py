@@ -28,10 +28,12 @@ from pathlib import Path
 
 import httpx
 
-from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError
+from engines.aio import settle
+from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError, StartCancelled
 from engines.fingerprint import AdapterReloadFailed, Fingerprints, WeightsMismatch, restore
 from engines.leftovers import EngineRecord, StateFile
 from engines.listener import port_owner
+from engines.lora import LoadedAdapters
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
 from engines.registry import ModelSpec
@@ -83,9 +85,7 @@ class Engine:
         self._start_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._lora_lock = asyncio.Lock()
-        self.adapters: set[str] = set()
-        self.adapter_paths: dict[str, str] = {}
+        self.lora = LoadedAdapters(spec.name)
         self.fingerprints = Fingerprints()
         self.failures = self.restarts.failures
         self.last_error: EngineError | None = None
@@ -117,6 +117,11 @@ class Engine:
     @property
     def api(self) -> VllmApi:
         return VllmApi(self.client, self.base_url)
+
+    @property
+    def adapters(self) -> set[str]:
+        """The LoRA adapters loaded in the running engine."""
+        return self.lora.names
 
     @property
     def pid(self) -> int | None:
@@ -167,26 +172,22 @@ class Engine:
             raise CrashLoop(refusal.message, model=self.name, retry_after=refusal.retry_after, log_tail=tail)
 
     async def ensure_ready(self) -> None:
-        """Make the engine ready: join a start in progress, wake it, or start it."""
+        """Make the engine ready: join a start in progress, wake it, or start it. An engine on its way
+        down (stopping, or draining for sleep or stop) is waited for, on its state changes."""
         while True:
             state = self.state
             if state is EngineState.READY:
                 return
             if self._start_task is not None and not self._start_task.done():
                 await self._join_start()
-                continue
-            if state is EngineState.SLEEPING:
+            elif state is EngineState.SLEEPING:
                 await self.wake()
-                continue
-            if state is EngineState.STOPPING:
-                await asyncio.sleep(0.05)
-                continue
-            if state in (EngineState.STOPPED, EngineState.FAILED):
+            elif state in (EngineState.STOPPED, EngineState.FAILED):
                 self.check_backoff()
                 self._start_task = asyncio.create_task(self._start(), name=f"start-{self.name}")
                 await self._join_start()
-                continue
-            await asyncio.sleep(0.05)
+            else:  # stopping or draining: wait for where it goes
+                await self.sm.changed(60.0)
 
     async def _join_start(self) -> None:
         """Await the start in progress; a start cancelled by ``stop()`` is an error for its joiners."""
@@ -197,11 +198,11 @@ class Engine:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # we ourselves were cancelled
-            raise EngineStartError(f"model {self.name}: its start was cancelled (the engine was stopped)",
-                                   model=self.name) from None
+            raise StartCancelled(f"model {self.name}: its start was cancelled (the engine was stopped)",
+                                 model=self.name) from None
 
     async def _start(self) -> None:
-        self.sm.swap(self.state, EngineState.STARTING)
+        self.sm.swap(self.state if self.state is EngineState.FAILED else EngineState.STOPPED, EngineState.STARTING)
         t0 = time.monotonic()
         attempts = 2
         for attempt in range(attempts):
@@ -214,15 +215,15 @@ class Engine:
                 if port_clash and attempt + 1 < attempts:
                     log.warning("engine %s: port %s was taken; retrying on another port", self.name, self.port)
                     continue
-                self._fail(e)
+                self._fail(e, expected=EngineState.STARTING)
                 raise
             except Exception as e:  # a bug or an OS error: fail like any start failure, with backoff
                 await self._cleanup_process()
                 err = EngineStartError(f"model {self.name} failed to start: {type(e).__name__}: {e}",
                                        model=self.name, log_tail=self.failure_lines(30))
-                self._fail(err)
+                self._fail(err, expected=EngineState.STARTING)
                 raise err from e
-            except BaseException:
+            except BaseException:  # cancelled: by stop() (which has moved it to stopping), or at shutdown
                 await self._cleanup_process()
                 if self.state is EngineState.STARTING:
                     self.sm.swap(EngineState.STARTING, EngineState.FAILED)
@@ -251,9 +252,8 @@ class Engine:
         env = build_env(self.launch, model=self.spec, engine_id=self.engine_id, tmpdir=tmpdir)
         self.process = proc = EngineProcess(self.name, argv, env=env, log_path=run_dir / "logs" / f"{self.name}.log")
         lora = self.spec.lora
-        self.adapter_paths = {n: self.launch.registry.locate(ad.path) for n, ad in lora.adapters.items()
-                              if ad.preload and lora.enabled}
-        self.adapters = set(self.adapter_paths)
+        self.lora.preloaded({n: self.launch.registry.locate(ad.path) for n, ad in lora.adapters.items()
+                             if ad.preload and lora.enabled})
         try:
             await proc.spawn()
         except OSError as e:
@@ -296,7 +296,7 @@ class Engine:
                 f"model {self.name} failed to start: {e}{why}", model=self.name, log_tail=tail
             ) from e
 
-    def _fail(self, err: EngineError, *, serving: bool = False) -> None:
+    def _fail(self, err: EngineError, *, expected: EngineState, serving: bool = False) -> None:
         ready_for = time.monotonic() - self.ready_since if serving and self.ready_since is not None else None
         loop = self.restarts.record(serving=serving, cause=err.message, ready_for=ready_for)
         self.last_error = err
@@ -304,12 +304,12 @@ class Engine:
             self.last_error = CrashLoop(loop.describe(self.name, loop.hold_s), model=self.name,
                                         retry_after=loop.hold_s, log_tail=err.log_tail)
             log.error("%s", self.last_error.message)
-        if self.state is not EngineState.FAILED:
-            self.sm.swap(self.state, EngineState.FAILED)
+        self.sm.swap(expected, EngineState.FAILED)
 
     async def _watch(self, proc: EngineProcess) -> None:
         rc = await proc.wait()
-        if self.process is not proc or self.state in (EngineState.STOPPING, EngineState.STOPPED, EngineState.FAILED):
+        serving = self.state
+        if self.process is not proc or serving not in (EngineState.READY, EngineState.DRAINING, EngineState.SLEEPING):
             return
         tail = proc.failure_lines(30)
         err = EngineCrashed(
@@ -319,7 +319,7 @@ class Engine:
             log_tail=tail,
         )
         log.error("%s", err.message)
-        self._fail(err, serving=True)
+        self._fail(err, expected=serving, serving=True)
         await self._cleanup_process()
 
     async def _cleanup_process(self) -> None:
@@ -337,18 +337,25 @@ class Engine:
     async def stop(self, *, drain_timeout_s: float | None = None) -> None:
         """Drain in-flight requests (bounded), then terminate the process group."""
         async with self._lock:
-            if self._start_task is not None and not self._start_task.done():
-                self._start_task.cancel()
-                with contextlib.suppress(BaseException):
-                    await self._start_task
             state = self.state
+            if state is EngineState.STARTING:  # a stop, not a failure: starting -> stopping -> stopped
+                self.sm.swap(EngineState.STARTING, EngineState.STOPPING)
+                if self._start_task is not None:
+                    self._start_task.cancel()
+                    await settle(self._start_task, f"the start of {self.name}", logger=log)
+                await self._cleanup_process()
+                self.ready_since = None
+                self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
+                return
             if state is EngineState.STOPPED:
                 return
             if state is EngineState.FAILED:
                 await self._cleanup_process()
                 self.sm.swap(EngineState.FAILED, EngineState.STOPPED)
                 return
-            self.sm.swap(state, EngineState.STOPPING)
+            if state is EngineState.READY:
+                self.sm.swap(EngineState.READY, EngineState.DRAINING)
+            self.sm.swap(EngineState.DRAINING if state is not EngineState.SLEEPING else state, EngineState.STOPPING)
             try:
                 timeout = self.policy.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
                 if not await self.drained(timeout):
@@ -367,8 +374,11 @@ class Engine:
                 self.sm.swap(EngineState.STOPPING, EngineState.STOPPED)
 
     async def sleep(self, level: int) -> None:
+        """Drain (bounded), then put the engine to sleep at ``level``; an engine not ready is left alone."""
         async with self._lock:
-            if self.state is not EngineState.READY:
+            if self.state is EngineState.READY:
+                self.sm.swap(EngineState.READY, EngineState.DRAINING)
+            elif self.state is not EngineState.DRAINING:
                 return
             await self.drained(self.policy.drain_timeout_s)
             if level >= 2 and self.launch.sleep_supported:  # adapters lose their weights too: note what they say
@@ -378,11 +388,16 @@ class Engine:
                     except (httpx.HTTPError, NotReady) as e:  # reloaded after the wake, but not proven
                         log.warning("engine %s: no fingerprint for adapter %s: %s", self.name, name, e)
                         self.fingerprints.forget(name)
-            await self.api.sleep(level)
-            if self.state is not EngineState.READY:  # it crashed meanwhile; the watch has said so
+            try:
+                await self.api.sleep(level)
+            except BaseException:
+                if self.state is EngineState.DRAINING:  # still running: it serves again
+                    self.sm.swap(EngineState.DRAINING, EngineState.READY)
+                raise
+            if self.state is not EngineState.DRAINING:  # it crashed meanwhile; the watch has said so
                 return
             self.sleep_level = level
-            self.sm.swap(EngineState.READY, EngineState.SLEEPING)
+            self.sm.swap(EngineState.DRAINING, EngineState.SLEEPING)
 
     async def wake(self) -> None:
         """Wake and prove the weights (:mod:`engines.fingerprint`); an engine that answers differently than
@@ -393,7 +408,7 @@ class Engine:
             t0 = time.monotonic()
             discarded = self.sleep_level >= 2 and self.launch.sleep_supported
             try:
-                adapters = {a: self.adapter_paths[a] for a in sorted(self.adapters) if a in self.adapter_paths}
+                adapters = self.lora.loaded_paths()
                 await restore(self.api, discarded=discarded, adapters=adapters)
                 await self.fingerprints.verify(self.api)  # also the wake's warm-up request
             except (WeightsMismatch, AdapterReloadFailed) as e:
@@ -403,7 +418,7 @@ class Engine:
             except (httpx.HTTPError, NotReady) as e:
                 err = EngineError(f"model {self.name}: wake from sleep failed: {e}", model=self.name,
                                   log_tail=self.failure_lines(30))
-                self._fail(err)
+                self._fail(err, expected=EngineState.SLEEPING)
                 await self._cleanup_process()
                 raise err from e
             self.wake_seconds.append(time.monotonic() - t0)
@@ -427,27 +442,8 @@ class Engine:
 
     async def ensure_adapter(self, name: str, path: str) -> None:
         """Load a LoRA adapter at runtime unless it is already loaded."""
-        if name in self.adapters:
-            return
-        async with self._lora_lock:
-            if name in self.adapters:
-                return
-            try:
-                status, body = await self.api.load_lora(name, path)
-            except httpx.HTTPError as e:
-                raise EngineError(f"model {self.name}: loading adapter {name!r} failed: the engine did not "
-                                  f"answer ({type(e).__name__})", model=self.name) from e
-            if status == 200 or (status == 400 and "already" in body.lower()):
-                self.adapters.add(name)
-                self.adapter_paths[name] = path
-                return
-            raise EngineError(f"model {self.name}: loading adapter {name!r} failed ({status}): {body[:300]}",
-                              model=self.name)
+        await self.lora.ensure(self.api, name, path)
 
     async def unload_adapter(self, name: str) -> None:
-        async with self._lora_lock:
-            if name not in self.adapters:
-                return
-            await self.api.unload_lora(name)
-            self.adapters.discard(name)
-            self.fingerprints.forget(name)
+        await self.lora.unload(self.api, name)
+        self.fingerprints.forget(name)

@@ -38,6 +38,10 @@ class EngineStartError(EngineError):
     """An engine did not become ready (exited, timed out, or refused its flags)."""
 
 
+class StartCancelled(EngineStartError):
+    """The engine was stopped while it started (an unload, a lease, shutdown): not a start failure."""
+
+
 class EngineCrashed(EngineError):
     """An engine process exited while it was serving."""
 

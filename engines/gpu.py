@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -251,6 +253,21 @@ def card_total_gib(probe: GpuProbe) -> float | None:
     readings = probe.read()
     total = readings[0].memory_total_bytes if readings else None
     return None if not total else total / 1024**3
+
+
+def engine_gpu_bytes(probe: GpuProbe, pid: int) -> int:
+    """GPU memory held by a process and its descendants (vLLM's workers hold the weights), per NVML."""
+    try:
+        root = psutil.Process(pid)
+        pids = {pid, *(c.pid for c in root.children(recursive=True))}
+    except psutil.Error:
+        return 0
+    total = 0
+    for reading in probe.read():
+        for p, used in (reading.process_memory_bytes or {}).items():
+            if p in pids:
+                total += used
+    return total
 
 
 def _no_gpu(reason: str) -> NoGpu:

@@ -4,7 +4,7 @@
 
     version = vllm_version_of("/opt/vllm/bin/vllm")  # once at start-up, off the event loop: '0.32.0'
     record = source_record(registry, spec)     # at start-up: hashes of the local config and weights index
-    record |= engine_record(engine)            # once the engine runs: the version it reports, its command line
+    record |= engine_record(argv, "0.32.0")   # once the engine runs: its command line, the version it reports
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.engine import Engine
 from engines.registry import ModelSpec, Registry, is_local
 
 #: Files whose hashes identify a local checkpoint without reading gigabytes of weights.
@@ -61,13 +61,12 @@ def source_record(registry: Registry, spec: ModelSpec) -> dict[str, Any]:
     return record
 
 
-def engine_record(engine: Engine) -> dict[str, Any]:
+def engine_record(argv: Sequence[str], vllm_version: str | None) -> dict[str, Any]:
     """The engine's version and the flags it was launched with (port and paths to temp dirs left out).
 
     ``vllm_version`` is present only once the engine has reported it; until then the version read from
     the executable (:func:`vllm_version_of`) stands.
     """
-    argv = list(engine.process.argv) if engine.process else []
     flags: list[str] = []
     skip = False
     for i, arg in enumerate(argv[2:], start=2):
@@ -81,8 +80,8 @@ def engine_record(engine: Engine) -> dict[str, Any]:
             continue
         flags.append(arg)
     record: dict[str, Any] = {"engine_flags": flags}
-    if engine.vllm_version is not None:
-        record["vllm_version"] = engine.vllm_version
+    if vllm_version is not None:
+        record["vllm_version"] = vllm_version
     return record
 
 

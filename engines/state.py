@@ -2,20 +2,27 @@
 
 ::
 
-    stopped -> starting -> ready <-> sleeping
-                  |          |          |
-                  v          v          v
-                failed    stopping -> stopped
+    stopped -> starting -> ready <-> draining -> sleeping -> ready
+                  |          |          |            |
+                  v          v          v            v
+                failed    stopping <----+---------- stopping -> stopped
                              |
                              v
                            failed
 
-No state is set anywhere but :meth:`StateMachine.swap`::
+A ``draining`` engine serves what it has in flight and admits nothing new: the scheduler drains it for a
+swap, and sleep and stop drain it first. A stop during a start goes ``starting -> stopping -> stopped``,
+not through ``failed``. No state is set anywhere but :meth:`StateMachine.swap`, and each swap names the
+state it expects, so a caller that lost a race fails loudly instead of overwriting the winner::
 
     >>> sm = StateMachine("tiny")
     >>> sm.swap(EngineState.STOPPED, EngineState.STARTING)
     >>> sm.state
     <EngineState.STARTING: 'starting'>
+    >>> sm.swap(EngineState.STOPPED, EngineState.STARTING)
+    Traceback (most recent call last):
+    ...
+    engines.state.InvalidTransition: engine tiny: cannot go stopped -> starting; it is starting
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class EngineState(StrEnum):
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
+    DRAINING = "draining"
     SLEEPING = "sleeping"
     STOPPING = "stopping"
     FAILED = "failed"
@@ -41,7 +49,9 @@ class EngineState(StrEnum):
 TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     EngineState.STOPPED: frozenset({EngineState.STARTING}),
     EngineState.STARTING: frozenset({EngineState.READY, EngineState.FAILED, EngineState.STOPPING}),
-    EngineState.READY: frozenset({EngineState.SLEEPING, EngineState.STOPPING, EngineState.FAILED}),
+    EngineState.READY: frozenset({EngineState.DRAINING, EngineState.STOPPING, EngineState.FAILED}),
+    EngineState.DRAINING: frozenset({EngineState.READY, EngineState.SLEEPING, EngineState.STOPPING,
+                                     EngineState.FAILED}),
     EngineState.SLEEPING: frozenset({EngineState.READY, EngineState.STOPPING, EngineState.FAILED}),
     EngineState.STOPPING: frozenset({EngineState.STOPPED, EngineState.FAILED}),
     EngineState.FAILED: frozenset({EngineState.STARTING, EngineState.STOPPING, EngineState.STOPPED}),
@@ -90,10 +100,17 @@ class StateMachine:
         self._state = EngineState.STOPPED
         self.since = time.monotonic()
         self._listeners = list(listeners or [])
+        self._changed: asyncio.Event | None = None
 
     @property
     def state(self) -> EngineState:
         return self._state
+
+    async def changed(self, seconds: float) -> bool:
+        """Wait (at most ``seconds``) for the next transition; True if one happened."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return await wait_event(self._changed, seconds)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -104,5 +121,8 @@ class StateMachine:
         self._state = new
         self.since = time.monotonic()
         log.info("engine %s: %s -> %s", self.name, expected, new)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
         for listener in self._listeners:
             listener(self.name, expected, new)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
 import aiohttp
@@ -25,13 +25,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from engines.engine import Engine
 from engines.errors import OnecardError
-from engines.gpu import GpuProbe, NvmlProbe, ThermalGuard, card_total_gib
-from engines.manager import EngineManager
-from engines.provenance import source_record, vllm_version_of
+from engines.pool import (
+    EnginePool,
+    EngineState,
+    GpuProbe,
+    NvmlProbe,
+    ThermalGuard,
+    card_total_gib,
+    source_record,
+    vllm_version_of,
+)
 from engines.registry import Registry, load_registry
-from engines.state import EngineState
 from gateway import console
 from gateway.api import admin, openai, vllm_routes
 from gateway.auth import KeyAuth
@@ -116,11 +121,12 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
                 stack.callback(close_probe)
             client = await stack.enter_async_context(make_client(settings))
             session = await stack.enter_async_context(make_session(settings))
-            engines: dict[str, Engine] = {}
-            metrics = Metrics(version=onecard_version(), gpu_probe=probe, pid_to_model=pid_lookup(engines))
+            pools: list[EnginePool] = []  # the pool, once made: the metrics name GPU processes by it
+            metrics = Metrics(version=onecard_version(), gpu_probe=probe,
+                              pid_to_model=lambda pid: pools[0].model_of_pid(pid) if pools else None)
             usage = Usage(settings.run_dir / "usage.sqlite3", registry=metrics.registry, users=people.label_names)
             stack.push_async_callback(usage.close)  # after the engines stop: their last requests are counted
-            manager = EngineManager(
+            pool = EnginePool(
                 reg,
                 client=client,
                 run_dir=settings.run_dir,
@@ -130,23 +136,23 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
                 gpu_probe=probe,
                 card_total_gib=await asyncio.to_thread(card_total_gib, probe),  # vLLM's shares are of this
             )
-            stack.push_async_callback(manager.close)
-            manager.shares.set_limits(*share_limits(people.users))
-            people.on_change.append(lambda users: manager.shares.set_limits(*share_limits(users)))
-            engines.update(manager.engines)
-            for name in manager.engines:
+            stack.push_async_callback(pool.close)
+            pool.set_share_limits(*share_limits(people.users))
+            people.on_change.append(lambda users: pool.set_share_limits(*share_limits(users)))
+            pools.append(pool)
+            for name in (m.name for m in reg.models):
                 metrics.set_engine_state(name, EngineState.STOPPED.value)
             bodies = BodyParser(settings.inline_parse_bytes)
             stack.callback(bodies.close)
             gw = Gateway(settings=settings, registry=reg, client=client, session=session, metrics=metrics,
-                         manager=manager, proxy=Proxy(session, metrics), admission=Admission(), bodies=bodies,
+                         pool=pool, proxy=Proxy(session, metrics), admission=Admission(), bodies=bodies,
                          people=people, usage=usage)
             app.state.gw = gw
             version = asyncio.create_task(read_vllm_version(gw), name="vllm-version")
             stack.push_async_callback(cancel_all, [version])
             for spec in reg.models:
                 gw.provenance[spec.name] = await asyncio.to_thread(source_record, reg, spec)
-            killed = await manager.start()
+            killed = await pool.start()
             if killed:
                 log.warning("cleaned up %d leftover engine process(es) of an earlier run", len(killed))
             tasks = [
@@ -193,7 +199,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OnecardError)
     async def onecard_error(request: Request, exc: OnecardError) -> Response:
         gw: Gateway | None = getattr(request.app.state, "gw", None)
-        return error_response(exc, plan=gw.manager.plan if gw is not None else None)
+        return error_response(exc, plan=gw.pool.plan if gw is not None else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -216,7 +222,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def read_vllm_version(gw: Gateway) -> None:
     """Read the vLLM version once from the engines' executable, off the event loop, for every model card."""
-    executable = gw.manager.launch.executable
+    executable = gw.pool.executable
     found = await asyncio.to_thread(vllm_version_of, executable, env=dict(gw.registry.vllm.env))
     if found is None:
         log.warning("could not tell the vLLM version of %s; models show it once their engine reports it", executable)
@@ -229,29 +235,15 @@ async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def pid_lookup(engines: dict[str, Engine]) -> Callable[[int], str | None]:
-    """Which model an engine process (by pid) belongs to, for per-process GPU memory."""
-
-    def lookup(pid: int) -> str | None:
-        for name, engine in engines.items():
-            if engine.pid == pid:
-                return name
-        return None
-
-    return lookup
-
-
 async def scrape_engines(gw: Gateway) -> None:
     """Every few seconds, read each ready engine's ``/metrics`` and re-export it with a model label."""
     while True:
         await asyncio.sleep(gw.settings.metrics_scrape_s)
-        for name, engine in list(gw.manager.engines.items()):
-            if engine.state not in (EngineState.READY, EngineState.SLEEPING):
-                gw.metrics.forget_engine_metrics(name)
-                continue
-            try:
-                text = await engine.api.metrics_text()
-            except httpx.HTTPError:
+        for name in [m.name for m in gw.registry.models]:
+            text = await gw.pool.metrics_text(name)
+            if text is None:
+                if gw.pool.state(name) not in (EngineState.READY, EngineState.DRAINING, EngineState.SLEEPING):
+                    gw.metrics.forget_engine_metrics(name)
                 continue
             try:
                 await asyncio.to_thread(gw.metrics.update_engine_metrics, name, text)

@@ -56,7 +56,7 @@ def user_args(p: argparse.ArgumentParser) -> None:
 
 
 def user(args: argparse.Namespace) -> int:
-    from engines.people import UserClass, UsersError, add_user, load_users
+    from engines.pool import UserClass, UsersError, add_user, load_users
 
     path = users_file(args)
     try:

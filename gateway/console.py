@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -34,12 +34,7 @@ from fastapi import APIRouter, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from engines.engine import Engine
-from engines.engine_args import engine_args
-from engines.gpu import GpuProbe, GpuReading
-from engines.manager import engine_gpu_bytes
-from engines.planner import Plan
-from engines.state import EngineState
+from engines.pool import EngineInfo, EngineState, GpuProbe, GpuReading, Plan, Snapshot, engine_gpu_bytes
 from gateway.api.admin import adapters_payload, engines_payload, leases_payload, swaps_payload
 from gateway.context import Gateway
 
@@ -69,7 +64,7 @@ TIMELINE_SWAPS = 30
 #: How often NVML is read for the page, at most (every poll of every open tab shares one reading).
 GPU_READ_EVERY_S = 1.0
 #: States in which an engine holds its memory on the card.
-RESIDENT_STATES = frozenset({EngineState.READY, EngineState.STARTING, EngineState.STOPPING})
+RESIDENT_STATES = frozenset({EngineState.READY, EngineState.DRAINING, EngineState.STARTING, EngineState.STOPPING})
 GIB = 1024**3
 
 
@@ -115,9 +110,11 @@ async def console_asset(name: str) -> Response:
 @router.get("/console/snapshot")
 async def console_snapshot(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
-    pids = {name: e.pid for name, e in gw.manager.engines.items() if e.pid is not None}
-    gpu = await _gpu_cache(request).read(gw.manager.gpu_probe, pids)
-    body = snapshot(gw, gpu, usage_route=any(getattr(r, "path", None) == "/admin/usage" for r in request.app.routes))
+    snap = gw.pool.snapshot()
+    pids = {e.name: e.pid for e in snap.engines if e.pid is not None}
+    gpu = await _gpu_cache(request).read(gw.pool.gpu_probe, pids)
+    body = snapshot(gw, snap, gpu,
+                    usage_route=any(getattr(r, "path", None) == "/admin/usage" for r in request.app.routes))
     return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
@@ -171,27 +168,25 @@ def _gpu_cache(request: Request) -> GpuCache:
 # --- the snapshot ------------------------------------------------------------------------------------------
 
 
-def snapshot(gw: Gateway, gpu: GpuNow, *, usage_route: bool) -> dict[str, Any]:
+def snapshot(gw: Gateway, snap: Snapshot, gpu: GpuNow, *, usage_route: bool) -> dict[str, Any]:
     """Everything the page shows, from the gateway's own records."""
-    manager = gw.manager
     engines = engines_payload(gw)
-    extra = {name: engine_extra(e, gw) for name, e in manager.engines.items()}
+    extra = {e.name: engine_extra(e) for e in snap.engines}
     rows = [{**row, **extra[str(row["model"])]} for row in engines["engines"]]
-    sleep_frees = manager.launch.sleep_supported
     return {
         "gateway": {
             "version": _version(),
             "started_at": gw.started_at,
             "now": time.time(),
-            "platform": manager.platform.value,
+            "platform": snap.platform.value,
             "keys": gw.settings.auth_enabled,
             "usage_route": usage_route,
         },
         "card": card_view(
-            manager.plan,
-            states={name: e.state for name, e in manager.engines.items()},
-            reserved_gib=manager.reserved_gib,
-            sleep_frees=sleep_frees,
+            snap.plan,
+            states={e.name: e.state for e in snap.engines},
+            reserved_gib=snap.reserved_gib,
+            sleep_frees=snap.sleep_frees_memory,
             gpu=gpu,
         ),
         "gpus": [gpu_view(r) for r in gpu.readings],
@@ -209,48 +204,22 @@ def snapshot(gw: Gateway, gpu: GpuNow, *, usage_route: bool) -> dict[str, Any]:
     }
 
 
-def engine_extra(engine: Engine, gw: Gateway) -> dict[str, Any]:
+def engine_extra(engine: EngineInfo) -> dict[str, Any]:
     """What the console adds to an ``/admin/engines`` row: the vLLM flags, sleep level, plan and aliases.
 
     ``engine_args`` is what the running process was started with (host and port left out); for an engine
     that is not running, what it would be started with now (``engines.engine_args``, as ``onecard plan``).
     """
-    launch = gw.manager.launch
-    if engine.process is not None and engine.state is not EngineState.STOPPED:
-        args, source = _without_host_port(list(engine.process.argv)[2:]), "running"
-    else:
-        args = engine_args(
-            launch.registry,
-            engine.spec,
-            engine.plan,
-            platform=launch.platform,
-            budget_gib=launch.budget_gib,
-            card_total_gib=launch.card_total_gib,
-        )
-        source = "planned"
     plan = engine.plan
     return {
         "aliases": list(engine.spec.aliases),
         "sleep_level": engine.sleep_level if engine.state is EngineState.SLEEPING else None,
         "planned_gib": round(plan.total_gib, 2),
         "measured_gib": None if plan.measured_gib is None else round(plan.measured_gib, 2),
-        "engine_args": args,
-        "engine_args_source": source,
+        "engine_args": list(engine.engine_args),
+        "engine_args_source": engine.engine_args_source,
         "idle_ttl_s": engine.spec.idle_ttl_s,
     }
-
-
-def _without_host_port(argv: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--host", "--port"):
-            skip = True
-        else:
-            out.append(arg)
-    return out
 
 
 def card_view(

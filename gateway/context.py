@@ -14,10 +14,8 @@ import aiohttp
 import httpx
 
 from engines.errors import EngineError
-from engines.manager import EngineManager, ManagerEvents
-from engines.provenance import engine_record, header_value
+from engines.pool import EnginePool, EngineState, ManagerEvents, header_value
 from engines.registry import Registry, Target
-from engines.state import EngineState
 from gateway.bodies import BodyParser
 from gateway.errors import Overloaded
 from gateway.metrics import Metrics
@@ -106,7 +104,7 @@ class Gateway:
     client: httpx.AsyncClient  # control plane: health, probes, sleep/wake, LoRA, metrics scrape
     session: aiohttp.ClientSession  # data path: client requests relayed by the proxy
     metrics: Metrics
-    manager: EngineManager
+    pool: EnginePool  # the one door into the engines
     proxy: Proxy
     admission: Admission = field(default_factory=Admission)
     bodies: BodyParser = field(default_factory=lambda: BodyParser(256 * 1024))
@@ -118,21 +116,19 @@ class Gateway:
     _records: dict[str, tuple[tuple[str, str | None], dict[str, Any], str]] = field(default_factory=dict)
 
     def resolve(self, name: str) -> Target | None:
-        return self.manager.resolve(name)
+        return self.pool.resolve(name)
 
     def model_names(self) -> list[str]:
-        return [*self.registry.names(), *self.manager.discovered]
-
-    def adapter_path(self, target: Target) -> str:
-        return self.manager.adapter_path(target)
+        return self.pool.model_names()
 
     def record(self, model: str) -> dict[str, Any]:
-        """The reproducibility record of a model: source and revision, and once running, vLLM and flags."""
-        engine = self.manager.engines[model]
-        key = (model, engine.engine_id)
+        """The reproducibility record of a model: source and revision, and once running, vLLM and flags.
+        Built once per engine process (and per reported version)."""
+        key = (model, self.pool.engine_id(model))
         cached = self._records.get(model)
         if cached is None or cached[0] != key:
-            record = {"vllm_version": self.vllm_version, **self.provenance.get(model, {}), **engine_record(engine)}
+            record = {"vllm_version": self.vllm_version, **self.provenance.get(model, {}),
+                      **self.pool.engine_record(model)}
             cached = (key, record, header_value(record))
             self._records[model] = cached
         return cached[1]
@@ -149,8 +145,9 @@ class Gateway:
         """Every model, alias and adapter, OpenAI-shaped, with state and footprint in ``onecard``."""
         cards: list[dict[str, Any]] = []
         created = int(self.started_at)
+        snap = self.pool.snapshot()
         for spec in self.registry.models:
-            engine = self.manager.engines[spec.name]
+            engine = snap.engine(spec.name)
             plan = engine.plan
             info: dict[str, Any] = {
                 "kind": "model",
@@ -171,7 +168,7 @@ class Gateway:
                               "root": spec.source, "parent": spec.name, "max_model_len": spec.max_model_len,
                               "onecard": {**info, "kind": "alias", "base": spec.name}})
             adapters = [(name, ad.path, False) for name, ad in spec.lora.adapters.items()]
-            adapters += [(f.name, str(f.path), True) for f in self.manager.discovered.values() if f.base == spec.name]
+            adapters += [(f.name, str(f.path), True) for f in snap.discovered if f.base == spec.name]
             for name, path, discovered in adapters:
                 cards.append({"id": name, "object": "model", "created": created, "owned_by": "onecard",
                               "root": path, "parent": spec.name, "max_model_len": spec.max_model_len,

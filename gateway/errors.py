@@ -32,7 +32,7 @@ from starlette.responses import Response
 from engines.errors import CapacityError, CrashLoop, EngineError, LeaseError, OnecardError, UserLimit
 
 if TYPE_CHECKING:
-    from engines.planner import Plan
+    from engines.pool import Plan
 
 #: What vLLM says when the card had less memory than the engine needed (CUDA OOM, or no room for the KV cache).
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "no available memory for the cache blocks",

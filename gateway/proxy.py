@@ -3,7 +3,7 @@
 ::
 
     proxy = Proxy(session, metrics)                # session: the app's shared aiohttp.ClientSession
-    response = await proxy.forward(call, engine, release)   # call: what the handler parsed
+    response = await proxy.forward(call, upstream, release)   # call: what the handler parsed; upstream: the engine
 
 The data path runs on aiohttp (its C parser reads an SSE event for a few microseconds of CPU, where
 httpx's reader spends 15-25; see benchmarks/README.md); the control plane (health, sleep/wake, LoRA,
@@ -27,10 +27,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from engines.engine import Engine
-from engines.errors import EngineCrashed, EngineError
-from engines.process import EngineProcess
-from engines.rootcause import engine_dead, root_cause
+from engines.pool import Upstream
 from gateway.disconnect import ClientGone
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
@@ -46,22 +43,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 REQUEST_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
 #: The errors of a failed engine call: aiohttp's, and its timeouts (all subclasses of TimeoutError).
 UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
-#: How long a dropped connection waits for the engine's exit before it is called a connection failure:
-#: the socket closes as the process dies, but its exit is reaped a moment later.
-EXIT_GRACE_S = 0.5
-#: How long an engine that answered "EngineCore encountered an issue" gets to exit (vLLM's API server shuts
-#: down once its EngineCore is dead), so that its log tail holds the traceback the client is told about.
-DEAD_GRACE_S = 3.0
-
 log = logging.getLogger(__name__)
-
-
-class EngineDead(Exception):
-    """The engine answered a 5xx saying that its EngineCore is dead (vLLM's ``EngineDeadError``)."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"the engine answered {status}: EngineCore encountered an issue")
-        self.status = status
 
 
 @dataclass
@@ -112,25 +94,6 @@ def finish(upstream: aiohttp.ClientResponse) -> None:
         upstream.close()
 
 
-async def exits_within(proc: EngineProcess, seconds: float) -> bool:
-    """Whether ``proc`` has exited, waiting up to ``seconds`` for it.
-
-    ``asyncio.wait`` with a timeout, not ``asyncio.wait_for`` (which on Python 3.11 can swallow a
-    cancellation that arrives as it times out), on a shielded ``proc.wait()`` (so that giving up
-    leaves the wait of the process, its log drain included, untouched; it ends when the process does).
-    """
-    if proc.returncode is not None:
-        return True
-    if proc.pid is None:
-        return False  # never started
-    waiter = asyncio.shield(proc.wait())
-    try:
-        await asyncio.wait({waiter}, timeout=seconds)
-    finally:
-        waiter.cancel()
-    return proc.returncode is not None
-
-
 class Proxy:
     """Relays calls to engines over the app's shared ``aiohttp.ClientSession`` (see
     :func:`gateway.app.make_session` for its limits and timeouts). Bodies go out as given and come
@@ -139,10 +102,9 @@ class Proxy:
     def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
         self.session = session
         self.metrics = metrics
-        self._explained: dict[str, int | None] = {}  # model -> the engine pid whose death was logged
         self._fingerprints: dict[str, tuple[str | None, str]] = {}  # model -> (engine id, its fingerprint)
 
-    async def forward(self, call: Call, engine: Engine, release: Callable[[], None], *,
+    async def forward(self, call: Call, engine: Upstream, release: Callable[[], None], *,
                       gone: asyncio.Future[None] | None = None) -> Response:
         """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over.
 
@@ -174,7 +136,7 @@ class Proxy:
             watching = False
             gone.remove_done_callback(hung_up)
 
-    async def _forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
+    async def _forward(self, call: Call, engine: Upstream, release: Callable[[], None]) -> Response:
         url = engine.base_url + call.path + ("?" + call.query if call.query else "")
         headers = REQUEST_HEADERS if call.content_type == "application/json" else {
             **REQUEST_HEADERS, "Content-Type": call.content_type}
@@ -194,8 +156,8 @@ class Proxy:
             finally:
                 finish(upstream)
                 release()
-            if failure is None and engine_dead(upstream.status, body):
-                failure = EngineDead(upstream.status)
+            if failure is None:
+                failure = engine.dead_answer(upstream.status, body)
             if failure is not None:
                 return await self._fail(call, engine, failure)
             self._account_body(call, upstream.status, body)
@@ -209,7 +171,7 @@ class Proxy:
         return response
 
     async def relay(
-        self, call: Call, engine: Engine, upstream: aiohttp.ClientResponse, release: Callable[[], None]
+        self, call: Call, engine: Upstream, upstream: aiohttp.ClientResponse, release: Callable[[], None]
     ) -> AsyncIterator[bytes]:
         """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
         stats = StreamStats()
@@ -247,7 +209,7 @@ class Proxy:
                 held = usage.flush()  # complete events held back for a usage event that never came
                 if held:
                     yield held  # the slot is free again while this waits on the engine's exit
-                yield sse_error_event(await self._engine_error(engine, failure))
+                yield sse_error_event(await engine.explain(failure))
         finally:
             stats.usage = usage.usage
             if usage.seen_fingerprint is not None:
@@ -288,34 +250,9 @@ class Proxy:
             ttft_s=ttft, decode_s=decode,
         )
 
-    async def _engine_error(self, engine: Engine, e: Exception) -> EngineError:
-        """What the client is told, with the root cause from the engine's log: the engine died (its
-        EngineCore is dead, or its process is gone or goes within :data:`EXIT_GRACE_S` of a dropped
-        connection), did not answer in time, or the connection failed. A death is logged once per process."""
-        proc = engine.process
-        timed_out = isinstance(e, TimeoutError)
-        if proc is not None and not timed_out:
-            await exits_within(proc, DEAD_GRACE_S if isinstance(e, EngineDead) else EXIT_GRACE_S)
-        tail = engine.failure_lines(30)
-        cause = f"; cause: {root_cause(tail)}" if tail else ""
-        if isinstance(e, EngineDead) or proc is None or proc.returncode is not None:
-            what = "its EngineCore died" if isinstance(e, EngineDead) else "the engine exited"
-            err = EngineCrashed(f"model {engine.name}: {what} while serving this request{cause}",
-                                model=engine.name, log_tail=tail)
-            pid = proc.pid if proc is not None else None
-            if self._explained.get(engine.name) != pid:
-                self._explained[engine.name] = pid
-                log.error("%s", err.message)
-            return err
-        if timed_out:
-            return EngineError(f"model {engine.name}: the engine did not answer in time ({type(e).__name__})",
-                               model=engine.name)
-        return EngineError(f"model {engine.name}: the connection to the engine failed: {type(e).__name__}: {e}",
-                           model=engine.name)
-
-    async def _fail(self, call: Call, engine: Engine, e: Exception) -> Response:
+    async def _fail(self, call: Call, engine: Upstream, e: Exception) -> Response:
         """A 502 (OpenAI error JSON) naming why the engine failed this call."""
-        err = await self._engine_error(engine, e)
+        err = await engine.explain(e)
         self.metrics.observe_request(call.model, "502", time.perf_counter() - call.started)
         self.metrics.observe_error(call.model, "engine_failed")
         return error_response(err)

@@ -65,7 +65,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
     from gateway.app import create_app
 
     configure_logging(log_level.upper())
-    from engines.people import load_users
+    from engines.pool import load_users
     from gateway.users import users_path
 
     named = load_users(users_path(settings.run_dir, settings.users_path)).named
@@ -137,7 +137,7 @@ def demo_registry(path: Path, *, models_dir: Path, executable: Path, adapters_di
 
 def prepare_demo(home: Path | None = None, *, run_dir: Path) -> Path:
     """Set up the CPU vLLM environment and the tiny models (cached), write the demo registry."""
-    from engines.cpu_setup import build_demo_models, default_home, setup_cpu_engine
+    from engines.pool import build_demo_models, default_home, setup_cpu_engine
 
     home = home or default_home()
     executable = setup_cpu_engine(home)

@@ -31,7 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from engines.people import ADMIN, ANONYMOUS
+from engines.pool import ADMIN, ANONYMOUS
 
 log = logging.getLogger(__name__)
 

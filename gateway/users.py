@@ -20,7 +20,7 @@ from pathlib import Path
 
 from starlette.types import Scope
 
-from engines.people import ADMIN_USER, ANONYMOUS_USER, User, UserClass, Users, UsersError, load_users, request_class
+from engines.pool import ADMIN_USER, ANONYMOUS_USER, User, UserClass, Users, UsersError, load_users, request_class
 from gateway.errors import BadRequest, Forbidden
 
 log = logging.getLogger(__name__)

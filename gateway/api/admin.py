@@ -18,8 +18,21 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import PlainTextResponse, Response
 
-from engines.lease_owner import holder_refusal, peer_uid
-from engines.leases import MAX_TTL_S, MIN_TTL_S
+from engines.pool import (
+    MAX_TTL_S,
+    MIN_TTL_S,
+    GrantLease,
+    HeartbeatLease,
+    Lease,
+    Load,
+    ReleaseLease,
+    Sleep,
+    Unload,
+    Wake,
+    engine_rows,
+    holder_refusal,
+    peer_uid,
+)
 from gateway.context import Gateway
 from gateway.errors import BadRequest, UnknownModel
 from gateway.usage import parse_since
@@ -46,28 +59,35 @@ def _model(gw: Gateway, name: str) -> str:
 
 def engines_payload(gw: Gateway) -> dict[str, Any]:
     """What ``GET /admin/engines`` answers (and ``onecard ps`` and the console show)."""
-    return {"engines": gw.manager.engine_rows(), "reserved_gib": gw.manager.reserved_gib,
-            "leases": leases_payload(gw)["leases"],
-            "scheduler": {"last_reason": gw.manager.last_reason, "draining": sorted(gw.manager.draining)}}
+    snap = gw.pool.snapshot()
+    return {"engines": engine_rows(snap), "reserved_gib": snap.reserved_gib,
+            "leases": [snap.lease.as_dict()] if snap.lease else [],
+            "scheduler": {"last_reason": snap.last_reason, "draining": sorted(snap.draining)}}
 
 
 def swaps_payload(gw: Gateway, limit: int) -> dict[str, Any]:
     """The last ``limit`` swaps, oldest first: what ``GET /admin/swaps`` answers."""
-    return {"swaps": [s.__dict__ for s in gw.manager.swaps[-limit:]]}
+    return {"swaps": [s.as_dict() for s in gw.pool.snapshot().swaps[-limit:]]}
 
 
 def leases_payload(gw: Gateway) -> dict[str, Any]:
-    lease = gw.manager.lease
+    lease = gw.pool.snapshot().lease
     return {"leases": [lease.as_dict()] if lease else []}
 
 
 def adapters_payload(gw: Gateway) -> dict[str, Any]:
     """Adapters found in watched folders, and the folders that could not be used (with why)."""
+    snap = gw.pool.snapshot()
     return {
-        "discovered": [{"name": f.name, "base": f.base, "path": str(f.path), "rank": f.rank}
-                       for f in gw.manager.discovered.values()],
-        "problems": [{"path": p, "reason": r} for p, r in gw.manager.adapter_problems.items()],
+        "discovered": [{"name": f.name, "base": f.base, "path": str(f.path), "rank": f.rank} for f in snap.discovered],
+        "problems": [{"path": p, "reason": r} for p, r in snap.adapter_problems],
     }
+
+
+async def _act(gw: Gateway, command: Load | Wake | Unload | Sleep) -> Response:
+    """Carry out an admin action through the engine owner; answer the model's state after it."""
+    await gw.pool.submit(command)
+    return _json({"model": command.model, "state": gw.pool.state(command.model).value})
 
 
 @router.get("/engines")
@@ -78,17 +98,13 @@ async def engines(request: Request) -> Response:
 @router.post("/engines/{name}/load")
 async def load(request: Request, name: str) -> Response:
     gw = _gw(request)
-    model = _model(gw, name)
-    await gw.manager.load(model)
-    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+    return await _act(gw, Load(_model(gw, name)))
 
 
 @router.post("/engines/{name}/unload")
 async def unload(request: Request, name: str) -> Response:
     gw = _gw(request)
-    model = _model(gw, name)
-    await gw.manager.unload(model)
-    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+    return await _act(gw, Unload(_model(gw, name)))
 
 
 @router.post("/engines/{name}/sleep")
@@ -97,34 +113,26 @@ async def sleep(request: Request, name: str, level: int = Query(1)) -> Response:
     model = _model(gw, name)
     if level not in (1, 2):
         raise BadRequest("level must be 1 or 2", param="level")
-    await gw.manager.sleep(model, level)
-    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+    return await _act(gw, Sleep(model, level))
 
 
 @router.post("/engines/{name}/wake")
 async def wake(request: Request, name: str) -> Response:
     gw = _gw(request)
-    model = _model(gw, name)
-    await gw.manager.load(model)
-    return _json({"model": model, "state": gw.manager.engines[model].state.value})
+    return await _act(gw, Wake(_model(gw, name)))
 
 
 @router.get("/engines/{name}/log")
 async def log_tail(request: Request, name: str, lines: int = Query(100, ge=1, le=5000)) -> Response:
     gw = _gw(request)
     model = _model(gw, name)
-    engine = gw.manager.engines[model]
-    tail = engine.log_tail(lines)
-    if not tail:
-        path = gw.settings.run_dir / "logs" / f"{model}.log"
-        if path.exists():
-            tail = tuple(path.read_text(errors="replace").splitlines()[-lines:])
+    tail = await gw.pool.log_tail(model, lines)
     return PlainTextResponse("\n".join(tail) + ("\n" if tail else ""))
 
 
 @router.get("/plan")
 async def plan(request: Request) -> Response:
-    return _json(_gw(request).manager.plan.as_dict())
+    return _json(_gw(request).pool.plan.as_dict())
 
 
 @router.get("/swaps")
@@ -156,15 +164,15 @@ async def grant_lease(request: Request, body: LeaseRequest) -> Response:
     refusal = await asyncio.to_thread(holder_refusal, body.pid, caller_uid=caller_uid)
     if refusal is not None:
         raise NotPermitted(f"lease refused: {refusal}", param="pid")
-    lease = await gw.manager.grant_lease(gib=body.gib, holder_pid=body.pid, label=body.label, wait=body.wait,
-                                         ttl_s=body.ttl_s, user=user_of(request.scope).name)
+    lease: Lease = await gw.pool.submit(GrantLease(gib=body.gib, holder_pid=body.pid, label=body.label,
+                                                   wait=body.wait, ttl_s=body.ttl_s, user=user_of(request.scope).name))
     return _json(lease.as_dict(), status=201)
 
 
 @router.post("/leases/{lease_id}/heartbeat")
 async def heartbeat_lease(request: Request, lease_id: str) -> Response:
     """The holder is still there: the lease lasts another ``ttl_s``."""
-    lease = await _gw(request).manager.heartbeat_lease(lease_id)
+    lease: Lease = await _gw(request).pool.submit(HeartbeatLease(lease_id))
     return _json(lease.as_dict())
 
 
@@ -175,7 +183,7 @@ async def leases(request: Request) -> Response:
 
 @router.delete("/leases/{lease_id}")
 async def release_lease(request: Request, lease_id: str) -> Response:
-    lease = await _gw(request).manager.release_lease(lease_id)
+    lease: Lease = await _gw(request).pool.submit(ReleaseLease(lease_id))
     return _json({**lease.as_dict(), "state": "released"})
 
 

@@ -1,4 +1,4 @@
-"""Thin OpenAI handlers: parse, ask the manager for an engine, hand to the proxy.
+"""Thin OpenAI handlers: parse, reserve a slot on the engine (``engines.pool``), hand to the proxy.
 
 Only ``model`` is rewritten (an alias becomes the engine's served name). For streams the gateway
 also asks the engine for usage, and the proxy hides that usage event again if the client did not
@@ -8,7 +8,6 @@ ask for it. Everything else in the body passes through untouched.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,10 +16,8 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from engines.engine import Engine
 from engines.errors import OnecardError
-from engines.manager import Waiter
-from engines.people import CLASS_PRIORITY
+from engines.pool import CLASS_PRIORITY, Reservation, Upstream
 from engines.registry import Target
 from gateway.bodies import check_json_type, read_body
 from gateway.context import Gateway
@@ -113,7 +110,7 @@ async def handle(request: Request, path: str, *, usage: bool = True, build: Buil
         model_label = call.model
         return await dispatch(gw, call, target, watch)
     except OnecardError as e:
-        resp = error_response(e, plan=gw.manager.plan)
+        resp = error_response(e, plan=gw.pool.plan)
         gw.metrics.observe_request(model_label, str(resp.status_code), time.perf_counter() - started)
         gw.metrics.observe_error(model_label, classify(e)[2] or "error")
         return resp
@@ -125,56 +122,44 @@ async def handle(request: Request, path: str, *, usage: bool = True, build: Buil
 
 
 async def dispatch(gw: Gateway, call: Call, target: Target, watch: DisconnectWatch) -> Response:
-    """Get a slot on the engine (waiting through a swap if needed, while the client is there), then forward."""
-    manager = gw.manager
+    """Reserve a slot on the engine (waiting through a swap if needed, while the client is there), then forward."""
     if gw.admission.limit is None:
         await gw.admission.acquire()
     else:
         await watch.race(gw.admission.acquire(), undo=lambda _: gw.admission.release())
     call.queued_at = time.perf_counter()
     try:
-        engine = manager.try_acquire(call.model, call.user)
-        if engine is None:
-            waiter = manager.enqueue(call.model, user=call.user, klass=call.klass)
-            task = asyncio.ensure_future(manager.wait(call.model, waiter))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved whoever awaits it
-            if call.stream:
-                try:
-                    await watch.race(asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s))
-                except BaseException:
-                    cancel_wait(gw, call, task)
-                    raise
-                if not task.done():
-                    gw.admission.release()
-                    return StreamingResponse(
-                        waiting_stream(gw, call, target, task, waiter),
-                        media_type="text/event-stream",
-                        headers={**SSE_HEADERS, **call.extra_headers},
-                    )
-                engine = task.result()
-            else:
-                try:
-                    engine = await watch.race(asyncio.shield(task))
-                except BaseException:
-                    cancel_wait(gw, call, task)
-                    raise
+        res = gw.pool.reserve(call.model, user=call.user, klass=call.klass)
     except BaseException:
         gw.admission.release()
         raise
-    return await forward(gw, call, target, engine, release_admission=True,
-                         gone=None if call.stream else watch.gone)
+    if res.granted:
+        return await forward(gw, call, target, res, release_admission=True, gone=None if call.stream else watch.gone)
+    try:
+        task = asyncio.ensure_future(res.ready())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved whoever awaits it
+        try:
+            if call.stream:
+                await watch.race(asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s))
+            else:
+                await watch.race(asyncio.shield(task))
+        except BaseException:
+            task.cancel()
+            res.release()  # out of the queue, or the slot granted meanwhile given back
+            raise
+        if not task.done():
+            gw.admission.release()
+            return StreamingResponse(waiting_stream(gw, call, target, task, res), media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, **call.extra_headers})
+        task.result()  # the queue's error, if it failed
+    except BaseException:
+        res.release()
+        gw.admission.release()
+        raise
+    return await forward(gw, call, target, res, release_admission=True, gone=None if call.stream else watch.gone)
 
 
-def cancel_wait(gw: Gateway, call: Call, task: asyncio.Future[Engine]) -> None:
-    """Stop waiting for a slot; one granted meanwhile is given back."""
-    if task.done():
-        if not task.cancelled() and task.exception() is None:
-            gw.manager.release(task.result(), call.user)
-        return
-    task.cancel()  # manager.wait leaves the queue, or gives back a slot granted as it was cancelled
-
-
-async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, release_admission: bool,
+async def forward(gw: Gateway, call: Call, target: Target, res: Reservation, *, release_admission: bool,
                   gone: asyncio.Future[None] | None = None) -> Response:
     released = False
     usage = gw.usage
@@ -189,7 +174,7 @@ async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, re
         nonlocal released
         if not released:
             released = True
-            gw.manager.release(engine, call.user)
+            res.release()
             gw.metrics.request_finished(call.model)
             if usage is not None:
                 usage.end(call.model, mark, user=call.user, queue_wait_s=queue_wait_s)
@@ -198,40 +183,41 @@ async def forward(gw: Gateway, call: Call, target: Target, engine: Engine, *, re
 
     gw.metrics.request_started(call.model)
     try:
+        upstream = res.upstream
         if target.adapter is not None:
-            await engine.ensure_adapter(target.adapter, gw.adapter_path(target))
-        return await gw.proxy.forward(call, engine, release, gone=gone)
+            await upstream.ensure_adapter(target.adapter)
+        return await gw.proxy.forward(call, upstream, release, gone=gone)
     except BaseException:
         release()
         raise
 
 
 async def waiting_stream(
-    gw: Gateway, call: Call, target: Target, task: asyncio.Future[Engine], waiter: Waiter
+    gw: Gateway, call: Call, target: Target, task: asyncio.Future[Upstream], res: Reservation
 ) -> AsyncIterator[bytes]:
     """SSE comment keep-alives while the model is swapped in, then the engine's stream."""
     try:
         while not task.done():
-            pos = gw.manager.queue_position(call.model, waiter)
+            pos = res.position
             if call.progress:
                 yield progress_event(call.model, target.served_name, pos, time.perf_counter() - call.started)
             else:
                 yield f": waiting for model {call.model} (queue position {pos})\n\n".encode()
             await asyncio.wait({task}, timeout=gw.registry.scheduler.keepalive_s)
-        engine = task.result()
+        task.result()
     except OnecardError as e:
+        res.release()
         gw.metrics.observe_request(call.model, str(error_response(e).status_code), time.perf_counter() - call.started)
-        yield sse_error_event(e, plan=gw.manager.plan)
+        yield sse_error_event(e, plan=gw.pool.plan)
         return
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+    except BaseException:  # the client left (the stream was closed or cancelled) while it waited
+        task.cancel()
+        res.release()
+        raise
     try:
-        resp = await forward(gw, call, target, engine, release_admission=False)
+        resp = await forward(gw, call, target, res, release_admission=False)
     except OnecardError as e:
-        yield sse_error_event(e, plan=gw.manager.plan)
+        yield sse_error_event(e, plan=gw.pool.plan)
         return
     if isinstance(resp, StreamingResponse):
         async for chunk in resp.body_iterator:
