@@ -54,7 +54,7 @@ UNKNOWN_MODEL = "_unknown"
 #: The ``model`` label for GPU processes that belong to no engine.
 OTHER_PROCESS = "_other"
 #: The values of ``engines.state.EngineState``, in order.
-ENGINE_STATES: tuple[str, ...] = ("stopped", "starting", "ready", "sleeping", "stopping", "failed")
+ENGINE_STATES: tuple[str, ...] = ("stopped", "starting", "ready", "draining", "sleeping", "stopping", "failed")
 #: How a model was made resident: started from nothing, woken from sleep, loaded beside another.
 SWAP_KINDS: tuple[str, ...] = ("cold", "wake", "co_load")
 #: The text format every Prometheus 2.x reads.

@@ -131,7 +131,7 @@ def running_gateway(registry: Path, run_dir: Path, **settings: Any) -> Iterator[
 
 
 def engine_pids(server: ServerThread) -> list[int]:
-    return [e.pid for e in server.gw.manager.engines.values() if e.pid is not None]
+    return [e.pid for e in server.gw.pool.owner.engines.values() if e.pid is not None]
 
 
 def alive(pid: int) -> bool:

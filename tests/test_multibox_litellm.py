@@ -123,5 +123,5 @@ def test_the_router_sends_each_model_to_its_box_and_no_box_swaps(
     assert requests_b == {CANDIDATE: rounds}, requests_b
     swaps_a, swaps_b = counts(box_a, "onecard_swaps_total"), counts(box_b, "onecard_swaps_total")
     assert swaps_a == {JUDGE: 1} and swaps_b == {CANDIDATE: 1}, (swaps_a, swaps_b)  # one cold start each
-    assert box_a.gw.manager.engines[CANDIDATE].pid is None  # box A never started its candidate
+    assert box_a.gw.pool.owner.engines[CANDIDATE].pid is None  # box A never started its candidate
     assert yaml.safe_load(ROUTER.read_text())["router_settings"]["num_retries"] == 0

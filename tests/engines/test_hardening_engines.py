@@ -245,7 +245,7 @@ def test_second_gateway_on_the_same_run_folder_refuses_and_kills_nothing(tmp_pat
     run = tmp_path / "run"
     with running_gateway(reg, run) as first:
         assert complete(first.url, "m").status_code == 200
-        engine_pid = first.gw.manager.engines["m"].pid
+        engine_pid = first.gw.pool.owner.engines["m"].pid
         assert engine_pid is not None
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(reg), "--port", str(free_port()),
                 "--run-dir", str(run)]
@@ -264,4 +264,4 @@ def test_second_gateway_on_the_same_run_folder_refuses_and_kills_nothing(tmp_pat
         assert second.returncode != 0
         assert "another onecard gateway" in output and str(run) in output, output
         assert complete(first.url, "m").status_code == 200
-        assert first.gw.manager.engines["m"].pid == engine_pid
+        assert first.gw.pool.owner.engines["m"].pid == engine_pid

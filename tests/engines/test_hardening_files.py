@@ -71,7 +71,7 @@ def test_bad_adapter_folders_never_stop_start_up_or_discovery(tmp_path: Path) ->
             assert "nested too deeply" in found["deep"], found
             assert "not a regular file" in found["fifo"], found
             # At run time too: a new bad folder does not stop the discovery of a new good one.
-            gw.gw.manager.adapter_scan_s = 0.2
+            gw.gw.pool.owner.catalogue.scan_s = 0.2
             deeper = watch / "deeper"
             deeper.mkdir()
             (deeper / "adapter_config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)

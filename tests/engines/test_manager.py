@@ -73,9 +73,9 @@ async def test_concurrent_requests_join_one_start_and_keep_order(tmp_path: Path,
     manager = EngineManager(reg, client=client, run_dir=tmp_path / "run")
     await manager.start()
     try:
-        waiters = [manager.enqueue("a") for _ in range(5)]
-        assert [manager.queue_position("a", w) for w in waiters] == [1, 2, 3, 4, 5]
-        engines = await asyncio.gather(*(manager.wait("a", w) for w in waiters))
+        waiters = [manager.admission.enqueue("a") for _ in range(5)]
+        assert [manager.admission.position("a", w) for w in waiters] == [1, 2, 3, 4, 5]
+        engines = await asyncio.gather(*(manager.admission.wait("a", w) for w in waiters))
         assert len({id(e) for e in engines}) == 1 and engines[0].in_flight == 5
         assert len(engines[0].start_seconds) == 1  # five requests, one start
         for e in engines:

@@ -151,9 +151,9 @@ def test_fuzz_every_route_of_the_openapi_schema(gateway: ServerThread) -> None:
         r = client.request(method, httpx.URL(gateway.url + path, params=query), content=body, headers=headers)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert_no_500(r)
-        lease = gateway.gw.manager.lease
+        lease = gateway.gw.pool.owner.leases.lease
         if lease is not None:  # a fuzzed pid that happens to exist got a lease: hand the card back
-            gateway.call(gateway.gw.manager.release_lease(lease.lease_id))
+            gateway.call(gateway.gw.pool.owner.release_lease(lease.lease_id))
 
     try:
         one()

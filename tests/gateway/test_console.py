@@ -131,13 +131,13 @@ def test_snapshot_is_what_the_admin_routes_say(tmp_path: Path) -> None:
         alpha, beta = rows["alpha"], rows["beta"]
         assert alpha["state"] == "ready" and alpha["aliases"] == ["candidate"]
         # A running engine shows the flags it runs with; a stopped one what `onecard plan --json` gives it.
-        engine = server.gw.manager.engines["alpha"]
+        engine = server.gw.pool.owner.engines["alpha"]
         assert engine.process is not None
         argv = list(engine.process.argv)
         assert alpha["engine_args_source"] == "running" and alpha["engine_args"][0] == argv[2]
         assert "--port" not in alpha["engine_args"] and "--host" not in alpha["engine_args"]
         assert set(alpha["engine_args"]) <= set(argv)
-        report = plan_report(server.gw.registry, server.gw.manager.plan)
+        report = plan_report(server.gw.registry, server.gw.pool.owner.plan)
         planned = next(m["engine_args"] for m in report["models"] if m["name"] == "beta")
         assert beta["engine_args_source"] == "planned" and beta["engine_args"] == planned
         # The card: alpha resident at its planned footprint, no GPU on this machine.

@@ -351,7 +351,7 @@ def test_with_api_keys_the_page_asks_for_a_key_and_an_api_key_reads_but_cannot_a
         tab.page.wait_for_selector("#toast.error:not([hidden])", timeout=5_000)
         toast = tab.page.inner_text("#toast")
         assert "refused (403)" in toast and "not an admin key" in toast, toast
-        assert server.gw.manager.engines["alpha"].state.value == "ready"
+        assert server.gw.pool.owner.engines["alpha"].state.value == "ready"
         assert not [e for e in tab.errors if not e.startswith("error: Failed to load resource")], tab.errors
         tab.close()
 

@@ -94,7 +94,7 @@ def test_every_client_in_a_killing_batch_gets_a_502_naming_the_root_cause(
         assert sum("its EngineCore died" in m for m in logged) == 1  # once per death, not once per request
         # Nothing else was lost: the other model serves, and m comes back after its backoff.
         assert [r.status_code for r in loglikelihood_batch(url, "other")] == [200] * BATCH
-        engine = server.gw.manager.engines["m"]
+        engine = server.gw.pool.owner.engines["m"]
         assert engine.state is EngineState.FAILED
         deadline = time.monotonic() + 30
         while (
@@ -109,7 +109,7 @@ def test_every_client_in_a_killing_batch_gets_a_502_naming_the_root_cause(
 def test_a_batch_that_kills_the_engine_every_time_is_a_crash_loop(tmp_path: Path) -> None:
     with running_gateway(registry(tmp_path), tmp_path / "run") as server:
         url = server.url
-        engine = server.gw.manager.engines["m"]
+        engine = server.gw.pool.owner.engines["m"]
         deaths = 0
         deadline = time.monotonic() + 60
         while deaths < 3:  # the client retries the same batch, as lm-eval does

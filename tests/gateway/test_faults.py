@@ -182,7 +182,7 @@ def test_engine_killed_mid_stream(tmp_path: Path) -> None:
         url = server.url
         for m in ("alpha", "beta"):
             assert httpx.post(f"{url}/admin/engines/{m}/load", timeout=60).status_code == 200
-        old_pid = server.gw.manager.engines["alpha"].pid
+        old_pid = server.gw.pool.owner.engines["alpha"].pid
         assert old_pid is not None
 
         async def traffic() -> tuple[list[tuple[int, str]], tuple[int, str], list[int]]:
@@ -219,7 +219,7 @@ def test_engine_killed_mid_stream(tmp_path: Path) -> None:
         assert got == expected_text("beta", "bystander", 60)
         assert plain == [200] * 10
 
-        engine = server.gw.manager.engines["alpha"]
+        engine = server.gw.pool.owner.engines["alpha"]
         wait_for(lambda: engine.state is EngineState.FAILED or engine.state is EngineState.STOPPED, what="failed")
         assert gone(old_pid)
         # Within the backoff: 503 with Retry-After and the cause; after it, the engine restarts on demand.
@@ -258,7 +258,7 @@ def test_hung_engine_times_out_and_stops_by_sigkill(tmp_path: Path, caplog: pyte
     with running_gateway(reg, tmp_path / "run", upstream_read_timeout_s=1.0) as server:
         url = server.url
         assert httpx.post(f"{url}/admin/engines/stuck/load", timeout=60).status_code == 200
-        engine = server.gw.manager.engines["stuck"]
+        engine = server.gw.pool.owner.engines["stuck"]
         pid = engine.pid
         assert pid is not None
         engine.policy = RestartPolicy(stop_grace_s=1.0, drain_timeout_s=1.0)  # 15 s grace by default
@@ -292,7 +292,7 @@ def test_hung_engine_times_out_and_stops_by_sigkill(tmp_path: Path, caplog: pyte
         assert time.monotonic() - t0 < 10
         assert gone(pid)
         assert any("sending SIGKILL" in rec.getMessage() for rec in caplog.records), caplog.text
-        assert [rec.model for rec in server.gw.manager.state_file.records()] == ["fine"]
+        assert [rec.model for rec in server.gw.pool.owner.state_file.records()] == ["fine"]
 
 
 # --- the engine's port is taken --------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_engine_port_taken_retries_on_another_port(tmp_path: Path, monkeypatch: 
             r = complete(server.url, "m", "hello", 4)
             assert r.status_code == 200, r.text
             assert r.json()["model"] == "m" and r.json()["choices"][0]["text"] == expected_text("m", "hello", 4)
-            engine = server.gw.manager.engines["m"]
+            engine = server.gw.pool.owner.engines["m"]
             assert engine.port != taken and engine.state is EngineState.READY
             assert f"port {taken} was taken; retrying on another port" in caplog.text
 
@@ -357,7 +357,7 @@ def test_engine_port_always_taken_is_a_clear_error(tmp_path: Path, monkeypatch: 
             assert r.status_code == 502, r.text
             message = r.json()["error"]["message"]
             assert "model m failed to start" in message, message
-            assert server.gw.manager.state_file.records() == []
+            assert server.gw.pool.owner.state_file.records() == []
             log_tail = httpx.get(server.url + "/admin/engines/m/log?lines=200").text
             assert "address already in use" in log_tail
             assert "address already in use" in message.lower(), message  # the cause, not a wrapper line
@@ -371,7 +371,7 @@ def test_out_of_memory_at_start_names_the_oom_and_the_plan(tmp_path: Path) -> No
     reg = write_registry(tmp_path / "reg.yaml", models, executable=standin_executable(tmp_path), budget_gib=3.5)
     with running_gateway(reg, tmp_path / "run") as server:
         url = server.url
-        plan = server.gw.manager.plan
+        plan = server.gw.pool.owner.plan
         mp = plan.model("big")
         figures = [f"{mp.total_gib:.2f} GiB", f"weights {mp.weights_gib:.2f}", f"KV cache {mp.kv_gib:.2f}",
                    f"{plan.usable_gib:.2f} GiB usable"]
@@ -388,7 +388,7 @@ def test_out_of_memory_at_start_names_the_oom_and_the_plan(tmp_path: Path) -> No
         assert all(f in r.json()["error"]["message"] for f in figures)
         assert complete(url, "small").status_code == 200
         # The admin route explains it the same way.
-        server.gw.manager.engines["big"].failures.clear()
+        server.gw.pool.owner.engines["big"].failures.clear()
         r = httpx.post(f"{url}/admin/engines/big/load", timeout=60)
         assert r.status_code == 502 and all(f in r.json()["error"]["message"] for f in figures)
 
@@ -398,7 +398,7 @@ def test_out_of_memory_for_a_waiting_stream_is_an_error_event_with_the_plan(tmp_
     reg = write_registry(tmp_path / "reg.yaml", models, executable=standin_executable(tmp_path),
                          scheduler={"keepalive_s": 0.2})
     with running_gateway(reg, tmp_path / "run") as server:
-        mp = server.gw.manager.plan.model("big")
+        mp = server.gw.pool.owner.plan.model("big")
         status, text = asyncio.run(_one_stream(server.url, "big"))
         assert status == 200 and text.startswith(": waiting for model big")
         _, error, done = stream_parts(text)

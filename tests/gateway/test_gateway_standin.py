@@ -72,7 +72,7 @@ def test_unknown_fields_pass_through_and_model_is_rewritten(gateway: ServerThrea
             "top_k": 3}
     r = httpx.post(gateway.url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200
-    engine = gateway.gw.manager.engines["alpha"]
+    engine = gateway.gw.pool.owner.engines["alpha"]
     seen = httpx.get(f"{engine.base_url}/standin/last_request").json()["body"]
     assert seen == {**body, "model": "alpha"}
     assert r.headers["x-onecard-model"] == "alpha"
@@ -176,7 +176,7 @@ def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
             for n, _ in enumerate(r.iter_raw()):
                 if n >= 3:
                     break
-        engine = server.gw.manager.engines["slowgen"]
+        engine = server.gw.pool.owner.engines["slowgen"]
         deadline = time.monotonic() + 10
         stats = {}
         while time.monotonic() < deadline:

@@ -284,7 +284,7 @@ def keyless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 
 def engines_state(server: ServerThread) -> str:
-    return server.gw.manager.engines["alpha"].state.value
+    return server.gw.pool.owner.engines["alpha"].state.value
 
 
 def test_a_cross_site_page_cannot_post_to_admin_or_the_api(keyless: ServerThread) -> None:
@@ -307,7 +307,7 @@ def test_a_simple_request_body_type_is_refused(keyless: ServerThread, content_ty
     refuses them; nothing reaches the engine."""
     body = '{"model": "beta", "prompt": "x", "max_tokens": 1}'
     assert httpx.post(f"{keyless.url}/admin/engines/beta/load", timeout=60).status_code == 200
-    engine = keyless.gw.manager.engines["beta"]
+    engine = keyless.gw.pool.owner.engines["beta"]
     before = httpx.get(f"{engine.base_url}/standin/stats").json()["requests"]
     r = httpx.post(f"{keyless.url}/v1/completions", content=body, headers={"Content-Type": content_type})
     assert r.status_code == 415, r.text

@@ -76,7 +76,7 @@ def busy(tmp_path: Path) -> Iterator[tuple[ServerThread, LongStream]]:
     with running_gateway(two_that_cannot_share(tmp_path, max_wait_s=MAX_WAIT_S), tmp_path / "run") as server:
         assert httpx.post(f"{server.url}/admin/engines/alpha/load", timeout=60).status_code == 200
         stream = LongStream(server.url, "alpha", 300)
-        wait_for(lambda: server.gw.manager.engines["alpha"].in_flight == 1, what="the long stream")
+        wait_for(lambda: server.gw.pool.owner.engines["alpha"].in_flight == 1, what="the long stream")
         try:
             yield server, stream
         finally:
@@ -96,7 +96,7 @@ def test_max_wait_bounds_a_queued_request_behind_a_long_stream(busy: tuple[Serve
     err = r.json()["error"]
     assert "max_wait_s" in err["message"] and "alpha" in err["message"], err
     assert float(r.headers["retry-after"]) >= 1
-    assert server.gw.manager.queues["beta"] == type(server.gw.manager.queues["beta"])()
+    assert server.gw.pool.owner.admission.queues["beta"] == type(server.gw.pool.owner.admission.queues["beta"])()
 
 
 def test_max_wait_bounds_a_queued_stream_too(busy: tuple[ServerThread, LongStream]) -> None:
@@ -150,23 +150,23 @@ def raw_request(port: int, body: dict[str, Any]) -> socket.socket:
 def test_queued_clients_that_hang_up_leave_the_queue_and_are_never_sent(tmp_path: Path) -> None:
     reg = two_that_cannot_share(tmp_path, max_wait_s=60, max_queue=8)
     with running_gateway(reg, tmp_path / "run") as server:
-        manager = server.gw.manager
+        manager = server.gw.pool.owner
         assert httpx.post(f"{server.url}/admin/engines/alpha/load", timeout=60).status_code == 200
         stream = LongStream(server.url, "alpha", 300)
         try:
             wait_for(lambda: manager.engines["alpha"].in_flight == 1, what="the long stream")
             socks = [raw_request(server.port, {"model": "beta", "prompt": f"gone {i}", "max_tokens": 2})
                      for i in range(8)]
-            wait_for(lambda: len(manager.queues["beta"]) == 8, what="8 queued")
+            wait_for(lambda: len(manager.admission.queues["beta"]) == 8, what="8 queued")
             for s in socks:
                 s.close()
-            wait_for(lambda: len(manager.queues["beta"]) == 0, timeout=5, what="hung-up clients to leave the queue")
+            wait_for(lambda: len(manager.admission.queues["beta"]) == 0, timeout=5, what="hung-up clients to leave the queue")
             live: list[httpx.Response] = []
             t = threading.Thread(target=lambda: live.append(httpx.post(
                 server.url + "/v1/completions", json={"model": "beta", "prompt": "live", "max_tokens": 2},
                 timeout=120)))
             t.start()
-            wait_for(lambda: len(manager.queues["beta"]) == 1, what="the live request queued")
+            wait_for(lambda: len(manager.admission.queues["beta"]) == 1, what="the live request queued")
         finally:
             stream.stop()  # alpha goes idle: beta is swapped in
         t.join(120)
@@ -179,7 +179,7 @@ def test_queued_clients_that_hang_up_leave_the_queue_and_are_never_sent(tmp_path
 def test_a_request_abandoned_mid_generation_is_cancelled_at_the_engine(tmp_path: Path) -> None:
     reg = two_that_cannot_share(tmp_path, max_wait_s=60, token_delay="0.05")
     with running_gateway(reg, tmp_path / "run") as server:
-        engine = server.gw.manager.engines["alpha"]
+        engine = server.gw.pool.owner.engines["alpha"]
         assert httpx.post(f"{server.url}/admin/engines/alpha/load", timeout=60).status_code == 200
         sock = raw_request(server.port, {"model": "alpha", "prompt": "x", "max_tokens": 400})
         wait_for(lambda: engine.in_flight == 1, what="the request in flight")

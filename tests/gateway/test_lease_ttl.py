@@ -60,7 +60,7 @@ def test_heartbeats_keep_a_lease_past_its_ttl(tmp_path: Path) -> None:
 
 def test_onecard_lease_heartbeats_while_its_command_runs(tmp_path: Path) -> None:
     with running_gateway(registry(tmp_path), tmp_path / "run") as gw:
-        gw.gw.manager.lease_ttl_s = 1.5
+        gw.gw.pool.owner.leases.ttl_s = 1.5
         marker = tmp_path / "during.json"
         code = (
             "import json, time, urllib.request\n"

@@ -163,7 +163,7 @@ def test_adapter_folder_appears_and_bad_ones_are_reported(tmp_path: Path) -> Non
     models = [standin_model("alpha", lora={"enabled": True, "max_rank": 16, "watch_dirs": [str(watch)]})]
     reg = write_registry(tmp_path / "reg.yaml", models, executable=standin_executable(tmp_path))
     with running_gateway(reg, tmp_path / "run") as gw:
-        gw.gw.manager.adapter_scan_s = 0.2
+        gw.gw.pool.owner.catalogue.scan_s = 0.2
         write_adapter(watch / "tuesday-r8", base="standin/alpha")
         write_adapter(watch / "too-big", base="standin/alpha", rank=64)
         write_adapter(watch / "other-base", base="meta-llama/Other")

@@ -63,7 +63,7 @@ def test_without_the_header_the_stream_is_the_engines(gateway: ServerThread) -> 
     events = via.split(b"\n\n")
     assert any(ev.startswith(b": waiting for model beta") for ev in events)  # it did wait
     assert b"reasoning_content" not in via
-    engine = gateway.gw.manager.engines["beta"]
+    engine = gateway.gw.pool.owner.engines["beta"]
     direct = httpx.post(engine.base_url + "/v1/chat/completions", json=body, timeout=60).content
     relayed = b"".join(ev + b"\n\n" for ev in events if ev and not ev.startswith(b":"))
     assert _VOLATILE.sub(rb'"\1":0', relayed) == _VOLATILE.sub(rb'"\1":0', direct)

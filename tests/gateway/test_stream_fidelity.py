@@ -41,7 +41,7 @@ def both(gw: ServerThread, path: str, body: dict[str, Any]) -> tuple[list[bytes]
     """The gateway's and the engine's own stream for ``body``."""
     via = httpx.post(gw.url + path, json=body, timeout=60)
     assert via.status_code == 200, via.text
-    engine = gw.gw.manager.engines["alpha"]
+    engine = gw.gw.pool.owner.engines["alpha"]
     direct = httpx.post(engine.base_url + path, json=body, timeout=60)
     assert direct.status_code == 200, direct.text
     return normalised(via.content), normalised(direct.content)

@@ -32,7 +32,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
 
 
 def engine_url(gw: ServerThread, model: str) -> str:
-    return gw.gw.manager.engines[model].base_url
+    return gw.gw.pool.owner.engines[model].base_url
 
 
 def last_request(gw: ServerThread, model: str) -> dict[str, Any]:
