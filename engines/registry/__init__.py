@@ -27,7 +27,7 @@ Validation happens in three passes, each reporting every problem it finds:
 A local checkpoint's ``config.json`` supplies the architecture a model does not declare; it is read
 once, at load (:mod:`engines.registry.checkpoint`), and planning uses what was read.
 
-Whether each model can fit on the card is the planner's question: ``engines.plan_report.check_plan``
+Whether each model can fit on the card is the planner's question: ``engines.plan_text.check_plan``
 adds those problems (``onecard check`` runs both).
 """
 

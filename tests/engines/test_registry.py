@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.planner import check_registry, plan_registry
+from engines.plan_text import check_registry
+from engines.planner import plan_registry
 from engines.registry import (
     Architecture,
     Quantization,
