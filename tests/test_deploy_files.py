@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from engines.planner import check_plan, plan_registry
+from engines.plan_text import check_plan
+from engines.planner import plan_registry
 from engines.registry import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -88,7 +88,7 @@ async def test_concurrent_requests_join_one_start_and_keep_order(tmp_path: Path,
 async def test_pinned_model_loads_at_start_and_check_warns_about_what_it_shuts_out(
     tmp_path: Path, client: httpx.AsyncClient
 ) -> None:
-    from engines.planner import check_plan
+    from engines.plan_text import check_plan
 
     reg = load_registry(
         write_registry(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.planner import GIB, ModelPlan, Plan, plan_registry, vllm_memory_args
+from engines.engine_args import vllm_memory_args
+from engines.planner import GIB, ModelPlan, Plan, plan_registry
 from engines.registry import Platform, load_registry
 from tests.fakes.simcard import DEFAULT_GPU_MEMORY_UTILIZATION, StartRefused, request_memory
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from engines import planner
+from engines.engine_args import MIN_KV_CACHE_BYTES, vllm_memory_args
+from engines.plan_text import format_plan
 from engines.planner import (
     GIB,
     RUNTIME_OVERHEAD_GIB,
@@ -23,11 +25,9 @@ from engines.planner import (
     Verdict,
     co_resident_sets,
     count_params,
-    format_plan,
     kv_bytes_per_token,
     lora_bytes,
     plan_registry,
-    vllm_memory_args,
     weight_bytes,
 )
 from engines.registry import Architecture, LoraSpec, Platform, Quantization, load_registry
@@ -298,7 +298,7 @@ def test_declared_params_only_size_the_weights(tmp_path: Path) -> None:
     # vLLM on the CPU refuses to start without an explicit KV figure: it always gets one.
     assert vllm_memory_args(p, budget_gib=24, platform=Platform.CPU) == [
         "--kv-cache-memory-bytes",
-        str(planner.MIN_KV_CACHE_BYTES),
+        str(MIN_KV_CACHE_BYTES),
     ]
 
 

@@ -11,7 +11,8 @@ import yaml
 
 from engines.checkpoints import CheckpointRead, read_quant_method
 from engines.engine_args import plan_report
-from engines.planner import check_plan, check_registry, plan_registry
+from engines.plan_text import check_plan, check_registry
+from engines.planner import plan_registry
 from engines.quantization import (
     FROM_CONFIG,
     FROM_REGISTRY,

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from engines.planner import check_registry, plan_registry
+from engines.plan_text import check_registry
+from engines.planner import plan_registry
 from engines.registry import (
+    Architecture,
     Quantization,
     RegistryError,
+    checkpoint,
     load_registry,
     model_architecture,
 )
@@ -321,6 +324,39 @@ def test_local_config_json_supplies_the_architecture(tmp_path: Path) -> None:
     # its limits are enforced like declared ones
     found = problems(write(tmp_path, registry(entry)))
     assert len(found) == 1 and "field 'max_model_len': 4096 is above the model's limit (2048" in found[0]
+
+
+def test_config_json_is_read_once_at_load_and_replanning_reuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    config = {
+        "num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1000, "max_position_embeddings": 8192,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    declared = model("declared", source="./weights")  # its own architecture wins over config.json
+    text = registry(model("local", source="./weights", arch=""), declared)
+    reads: list[Path] = []
+    real = checkpoint.architecture_from_config
+
+    def counting(config_path: Path) -> Architecture | None:
+        reads.append(config_path)
+        return real(config_path)
+
+    monkeypatch.setattr(checkpoint, "architecture_from_config", counting)
+    reg = load_registry(write(tmp_path, text))
+    assert reads == [tmp_path / "weights" / "config.json"]
+    first = plan_registry(reg)
+    (folder / "config.json").unlink()  # re-planning (after each load measurement) must not need the file
+    second = plan_registry(reg, measured_gib={"local": 1.0})
+    assert reads == [tmp_path / "weights" / "config.json"]
+    assert first.model("local").kv_cache_bytes == second.model("local").kv_cache_bytes > 0
+    assert first.model("local").notes == second.model("local").notes
+    arch = model_architecture(reg, reg.model("local"))
+    assert arch is not None and arch.vocab_size == 1000
+    assert model_architecture(reg, reg.model("declared")) == reg.model("declared").architecture
 
 
 def test_shipped_registry_loads_cleanly() -> None:

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 
 from engines.cpu_setup import build_demo_models, default_home, vllm_venv
-from engines.engine_args import engine_args
-from engines.planner import MIN_KV_CACHE_BYTES, plan_registry
+from engines.engine_args import MIN_KV_CACHE_BYTES, engine_args
+from engines.planner import plan_registry
 from engines.provenance import vllm_version_of
 from engines.quantization import FROM_CONFIG, CheckpointInfo, decide, decide_for
 from engines.registry import Platform, Quantization, Registry, load_registry
