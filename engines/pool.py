@@ -61,7 +61,8 @@ from engines.people import (
     load_users,
     request_class,
 )
-from engines.planner import Plan, Verdict, check_plan, detect_budget_gib, format_plan, plan_registry
+from engines.plan_text import check_plan, check_registry, format_plan
+from engines.planner import Plan, Verdict, detect_budget_gib, plan_registry
 from engines.provenance import engine_record, header_value, source_record, vllm_version_of
 from engines.registry import Registry, Target
 from engines.report import EngineInfo, Snapshot, SwapRecord, engine_info, engine_rows
@@ -74,8 +75,8 @@ __all__ = [
     "GrantLease", "HeartbeatLease", "Lease", "Load", "ManagerEvents", "NvmlProbe", "Plan", "ReleaseLease",
     "Reservation", "RestartPolicy", "Sleep", "Snapshot", "SwapRecord", "ThermalGuard", "Unload", "Upstream", "User",
     "UserClass", "Users", "UsersError", "Verdict", "Wake", "add_user", "build_demo_models", "card_total_gib",
-    "check_plan", "default_home", "detect_budget_gib", "engine_args", "engine_gpu_bytes", "engine_rows",
-    "format_plan", "format_quantization", "header_value", "holder_refusal", "load_users", "peer_uid",
+    "check_plan", "check_registry", "default_home", "detect_budget_gib", "engine_args", "engine_gpu_bytes",
+    "engine_rows", "format_plan", "format_quantization", "header_value", "holder_refusal", "load_users", "peer_uid",
     "plan_registry", "plan_report", "request_class", "setup_cpu_engine", "source_record", "vllm_version_of",
 ]
 

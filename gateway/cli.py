@@ -113,8 +113,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from engines.plan_text import check_plan
-    from engines.planner import Verdict, plan_registry
+    from engines.pool import Verdict, check_plan, plan_registry
 
     path = _registry_path(args)
     registry = _load(path)
@@ -159,9 +158,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from engines.engine_args import format_quantization, plan_report
-    from engines.plan_text import format_plan
-    from engines.planner import detect_budget_gib, plan_registry
+    from engines.pool import detect_budget_gib, format_plan, format_quantization, plan_registry, plan_report
     from engines.registry import Platform
 
     registry = _load(_registry_path(args))
@@ -241,7 +238,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _users_ok(args: argparse.Namespace) -> bool:
     """Whether the users file the gateway will read can be used; prints every problem if not."""
-    from engines.people import UsersError, load_users
+    from engines.pool import UsersError, load_users
 
     path = cli_people.users_file(args)
     try:
@@ -284,7 +281,7 @@ def _setup_args(p: argparse.ArgumentParser) -> None:
 def _setup(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engines.cpu_setup import setup_cpu_engine
+    from engines.pool import setup_cpu_engine
 
     exe = setup_cpu_engine(Path(args.home) if args.home else None, force=args.force)
     print(exe)
@@ -298,7 +295,7 @@ def _demo_models_args(p: argparse.ArgumentParser) -> None:
 def _demo_models(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engines.cpu_setup import build_demo_models
+    from engines.pool import build_demo_models
 
     models = build_demo_models(Path(args.dir))
     print(f"base: {models.base}\nother: {models.other}\nlora: {models.lora}")

@@ -4,7 +4,6 @@ gateway's engine work goes on. Each test ends long before the start would (closi
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -43,11 +42,11 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+async def eventually(cond: Callable[[], bool], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
+            raise AssertionError(f"not within {within_s} s: {what}")
         await asyncio.sleep(0.05)
 
 
@@ -65,10 +64,12 @@ def make_pool(tmp_path: Path, client: httpx.AsyncClient, models: list[dict[str, 
     return EnginePool(reg, client=client, run_dir=tmp_path / "run", tick_s=0.2, events=events)
 
 
-async def test_a_lease_holders_death_is_noticed_during_a_slow_start(tmp_path: Path, client: httpx.AsyncClient) -> None:
+async def test_a_lease_holders_death_is_noticed_during_a_slow_start(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
     pool = make_pool(tmp_path, client, [slow()])
     await pool.start()
-    holder = subprocess.Popen(["sleep", "120"])
+    holder = await asyncio.create_subprocess_exec("sleep", "120")
     try:
         res = await start_slow(pool)
         lease = await asyncio.wait_for(pool.submit(GrantLease(gib=1.0, holder_pid=holder.pid, label="train")), 10)
@@ -78,8 +79,9 @@ async def test_a_lease_holders_death_is_noticed_during_a_slow_start(tmp_path: Pa
         assert pool.state("slow") is EngineState.STARTING  # all of this while the start goes on
         res.release()
     finally:
-        holder.kill()
-        holder.wait()
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
         await pool.close()
 
 
@@ -114,12 +116,14 @@ async def test_an_admin_unload_of_another_model_completes_during_a_slow_start(
         await pool.close()
 
 
-async def test_a_blocked_waiter_gets_its_error_during_a_slow_start(tmp_path: Path, client: httpx.AsyncClient) -> None:
+async def test_a_blocked_waiter_gets_its_error_during_a_slow_start(
+    tmp_path: Path, client: httpx.AsyncClient
+) -> None:
     """A lease leaves too little of the card for ``big`` even alone: its waiter is told so at once, not
     after the slow start."""
     pool = make_pool(tmp_path, client, [slow(), standin_model("big", gib=3.0)])
     await pool.start()
-    holder = subprocess.Popen(["sleep", "120"])
+    holder = await asyncio.create_subprocess_exec("sleep", "120")
     try:
         res = await start_slow(pool)
         await asyncio.wait_for(pool.submit(GrantLease(gib=2.0, holder_pid=holder.pid)), 10)
@@ -131,8 +135,9 @@ async def test_a_blocked_waiter_gets_its_error_during_a_slow_start(tmp_path: Pat
         assert time.monotonic() - t0 < 15 and pool.state("slow") is EngineState.STARTING
         res.release()
     finally:
-        holder.kill()
-        holder.wait()
+        if holder.returncode is None:
+            holder.kill()
+        await holder.wait()
         await pool.close()
 
 

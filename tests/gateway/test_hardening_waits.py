@@ -160,7 +160,8 @@ def test_queued_clients_that_hang_up_leave_the_queue_and_are_never_sent(tmp_path
             wait_for(lambda: len(manager.admission.queues["beta"]) == 8, what="8 queued")
             for s in socks:
                 s.close()
-            wait_for(lambda: len(manager.admission.queues["beta"]) == 0, timeout=5, what="hung-up clients to leave the queue")
+            wait_for(lambda: len(manager.admission.queues["beta"]) == 0, timeout=5,
+                     what="hung-up clients to leave the queue")
             live: list[httpx.Response] = []
             t = threading.Thread(target=lambda: live.append(httpx.post(
                 server.url + "/v1/completions", json={"model": "beta", "prompt": "live", "max_tokens": 2},
