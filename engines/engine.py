@@ -184,7 +184,7 @@ class Engine:
                 await self.wake()
             elif state in (EngineState.STOPPED, EngineState.FAILED):
                 self.check_backoff()
-                self._start_task = asyncio.create_task(self._start(), name=f"start-{self.name}")
+                self._start_task = asyncio.create_task(self._start(state), name=f"start-{self.name}")
                 await self._join_start()
             else:  # stopping or draining: wait for where it goes
                 await self.sm.changed(60.0)
@@ -201,8 +201,8 @@ class Engine:
             raise StartCancelled(f"model {self.name}: its start was cancelled (the engine was stopped)",
                                  model=self.name) from None
 
-    async def _start(self) -> None:
-        self.sm.swap(self.state if self.state is EngineState.FAILED else EngineState.STOPPED, EngineState.STARTING)
+    async def _start(self, expected: EngineState) -> None:
+        self.sm.swap(expected, EngineState.STARTING)
         t0 = time.monotonic()
         attempts = 2
         for attempt in range(attempts):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from engines.aio import logged
 from engines.rootcause import may_be_cause
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,10 @@ class RotatingLog:
 
     def close(self) -> None:
         if self._fh is not None:
-            with contextlib.suppress(OSError):
+            try:
                 self._fh.close()
+            except OSError as e:
+                logged(e, f"closing log {self.path}", logger=log)
             self._fh = None
 
 
@@ -209,8 +212,11 @@ class EngineProcess:
         assert self._proc is not None
         rc = await self._proc.wait()
         if self._drain is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._drain), timeout=5)
+            drain = self._drain
+            await asyncio.wait({drain}, timeout=5)  # never cancels the drain, never swallows our cancel
+            if drain.done() and not drain.cancelled() and (exc := drain.exception()) is not None:
+                self._drain = None  # logged once
+                logged(exc, f"engine {self.name}: reading its output", logger=log)
         return rc
 
     def signal_group(self, sig: signal.Signals) -> None:

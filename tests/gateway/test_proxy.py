@@ -16,6 +16,7 @@ import orjson
 import pytest
 from starlette.responses import Response, StreamingResponse
 
+from engines.upstream import EngineUpstream
 from gateway.app import create_app, make_session
 from gateway.metrics import Metrics
 from gateway.proxy import Call, Proxy
@@ -114,15 +115,18 @@ class FakeProcess:
 
 @dataclass
 class FakeEngine:
+    """What ``engines.upstream.EngineUpstream`` reads of an engine (its ``Supervised`` protocol)."""
+
     base_url: str
     name: str = "m"
     process: FakeProcess | None = field(default_factory=FakeProcess)
-
-    def log_tail(self, n: int = 20) -> tuple[str, ...]:
-        return ("INFO starting", "ERROR boom")
+    engine_id: str | None = "e1"
 
     def failure_lines(self, n: int = 30) -> tuple[str, ...]:
-        return self.log_tail(n)
+        return ("INFO starting", "ERROR boom")
+
+    async def ensure_adapter(self, name: str, path: str) -> None:
+        raise AssertionError("no adapters here")
 
 
 @dataclass
@@ -146,7 +150,8 @@ async def forward(p: Proxy, url: str, body: bytes = b'{"model":"m"}', *, stream:
                   slot: Slot | None = None) -> Response:
     call = Call(path="/v1/completions", body=body, model="m", stream=stream, strip_usage=strip_usage,
                 extra_headers={"x-onecard-model": "m"})
-    return await p.forward(call, engine or FakeEngine(url), slot or Slot())
+    upstream = EngineUpstream(engine or FakeEngine(url), adapter_path=lambda model, adapter: "")
+    return await p.forward(call, upstream, slot or Slot())
 
 
 def headers(resp: Response) -> list[tuple[bytes, bytes]]:
