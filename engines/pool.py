@@ -206,12 +206,15 @@ class EnginePool:
 
     # --- views --------------------------------------------------------------------------------------
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, *, planned_args: bool = False) -> Snapshot:
+        """A frozen view of every engine. ``planned_args``: include the flags a stopped engine would start
+        with (reads local checkpoints' config.json; for the console, not for every request)."""
         owner, now = self.owner, time.monotonic()
         queues = owner.admission.queues
         return Snapshot(
             engines=tuple(engine_info(e, queued=len(queues[n]), oldest_since=queues[n][0].since if queues[n] else None,
-                                      launch=owner.launch, now=now) for n, e in owner.engines.items()),
+                                      launch=owner.launch, now=now, planned_args=planned_args)
+                         for n, e in owner.engines.items()),
             plan=owner.plan, platform=owner.platform, sleep_frees_memory=owner.launch.sleep_supported,
             reserved_gib=owner.leases.reserved_gib, lease=owner.leases.lease, swaps=tuple(owner.swaps[-1000:]),
             last_reason=owner.last_reason, discovered=tuple(owner.catalogue.discovered.values()),

@@ -101,9 +101,12 @@ class QuantDecision:
 
 
 def checkpoint_info(registry: Registry, model: ModelSpec) -> CheckpointInfo:
-    """A local folder's ``config.json`` first, then the registry's ``checkpoint_quant_method``."""
+    """A local folder's ``config.json`` (as read when the registry was loaded) first, then the registry's
+    ``checkpoint_quant_method``."""
     if is_local(model.source):
-        read = read_quant_method(registry.resolve_path(model.source) / "config.json")
+        read = registry.local_quant_methods.get(model.source)
+        if read is None:  # a spec the registry did not load
+            read = read_quant_method(registry.resolve_path(model.source) / "config.json")
         if read.found:
             return CheckpointInfo(read.method, FROM_CONFIG)
     declared = model.checkpoint_quant_method

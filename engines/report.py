@@ -60,7 +60,8 @@ class EngineInfo:
     start_seconds: tuple[float, ...]
     wake_seconds: tuple[float, ...]
     vllm_version: str | None
-    #: The vLLM flags (host and port left out): of the running process, or what a start would use now.
+    #: The vLLM flags (host and port left out): of the running process, or what a start would use now
+    #: (only in a snapshot taken with ``planned_args``).
     engine_args: tuple[str, ...]
     engine_args_source: str  # "running" or "planned"
     argv: tuple[str, ...] = ()  # the running process's whole command line
@@ -104,12 +105,16 @@ def without_host_port(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def engine_info(e: Engine, *, queued: int, oldest_since: float | None, launch: LaunchConfig,
-                now: float) -> EngineInfo:
+def engine_info(e: Engine, *, queued: int, oldest_since: float | None, launch: LaunchConfig, now: float,
+                planned_args: bool = False) -> EngineInfo:
+    """``planned_args``: also work out the flags a stopped engine would start with (this reads a local
+    checkpoint's config.json for its quantization); otherwise a stopped engine's ``engine_args`` is empty."""
     running = e.process is not None and e.state is not EngineState.STOPPED
     argv = tuple(e.process.argv) if running and e.process is not None else ()
     if running:
         args, source = without_host_port(list(argv)[2:]), "running"
+    elif not planned_args:
+        args, source = [], "planned"
     else:
         args = engine_args(launch.registry, e.spec, e.plan, platform=launch.platform, budget_gib=launch.budget_gib,
                            card_total_gib=launch.card_total_gib)

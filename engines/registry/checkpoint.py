@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from engines.checkpoints import CheckpointRead, read_quant_method
 from engines.registry.schema import Architecture, ModelSpec, Registry, is_local
 
 
@@ -70,3 +71,9 @@ def model_architecture(registry: Registry, model: ModelSpec) -> Architecture | N
     if model.source in registry.local_architectures:
         return registry.local_architectures[model.source]
     return local_architecture(registry.path, model.source)
+
+
+def read_local_quant_methods(registry_path: Path, models: Iterable[ModelSpec]) -> dict[str, CheckpointRead]:
+    """By source, what every local checkpoint's ``config.json`` says of its quantization (one read each)."""
+    return {m.source: read_quant_method(local_path(registry_path, m.source) / "config.json")
+            for m in models if is_local(m.source)}

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from engines.registry.checkpoint import read_local_architectures
+from engines.registry.checkpoint import read_local_architectures, read_local_quant_methods
 from engines.registry.checks import check_semantics
 from engines.registry.schema import Registry, RegistryFile
 from engines.registry.wording import RegistryError, explain_all
@@ -134,4 +134,5 @@ def parse_registry(data: Any, *, path: Path) -> Registry:
         models=raw.models,
         warnings=tuple(warnings),
         local_architectures=local_architectures,
+        local_quant_methods=read_local_quant_methods(path, raw.models),
     )

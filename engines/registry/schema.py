@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engines.checkpoints import CheckpointQuantMethod
+from engines.checkpoints import CheckpointQuantMethod, CheckpointRead
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
@@ -187,6 +187,8 @@ class Registry:
     warnings: tuple[str, ...] = ()
     #: What each local checkpoint's ``config.json`` gave, by source, read once at load (None: unreadable).
     local_architectures: Mapping[str, Architecture | None] = field(default_factory=dict, repr=False, compare=False)
+    #: What each local checkpoint's ``config.json`` says of its quantization, by source, read once at load.
+    local_quant_methods: Mapping[str, CheckpointRead] = field(default_factory=dict, repr=False, compare=False)
 
     def model(self, name: str) -> ModelSpec:
         for m in self.models:

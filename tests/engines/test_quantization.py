@@ -216,6 +216,8 @@ def test_local_config_json_wins_over_the_declared_method(tmp_path: Path) -> None
     reg = load_registry(reg_path)
     d = decide_for(reg, reg.model("ct"))
     assert (d.flag, d.checkpoint) == (None, CheckpointInfo("compressed-tensors", FROM_CONFIG))
+    (tmp_path / "ct" / "config.json").unlink()  # read once, at load: every later decision (each engine
+    assert decide_for(reg, reg.model("ct")) == d  # start, each console poll) reuses what it said
     problems, warnings = quantization_findings(reg)
     assert problems == []
     assert len(warnings) == 1 and "field 'checkpoint_quant_method'" in warnings[0] and "config.json" in warnings[0]
