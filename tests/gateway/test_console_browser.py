@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.test_faults import GatewayProcess
 from tests.gateway.test_simcard import L8B, PHI3, QWEN14, Lab
-from tests.support import ROOT, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import ROOT, GatewayProcess, running_gateway, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -15,7 +15,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.real.conftest import GatewayProcess, RealVllm, vllm_processes
+from tests.real.conftest import RealVllm, vllm_processes
+from tests.support import GatewayProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -205,7 +206,7 @@ def test_kill9_of_gateway_then_next_start_leaves_no_vllm(gateway: GatewayProcess
         while vllm_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert vllm_processes() == []
-        assert "leftover" in successor.log.read_text()
+        assert "leftover" in successor.log()
     finally:
         successor.stop()
     assert vllm_processes() == []

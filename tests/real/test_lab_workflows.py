@@ -32,9 +32,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.real.conftest import GatewayProcess, RealVllm
+from tests.real.conftest import RealVllm
 from tests.real.lm_eval_env import LM_EVAL_VERSION, OFFLINE_ENV, setup_lm_eval
-from tests.support import ROOT
+from tests.support import ROOT, GatewayProcess
 
 pytestmark = [pytest.mark.vllm]
 
