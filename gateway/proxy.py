@@ -22,14 +22,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from engines.engine import Engine
 from engines.errors import EngineCrashed, EngineError
-from engines.process import EngineProcess
 from engines.rootcause import engine_dead, root_cause
 from gateway.disconnect import ClientGone
 from gateway.errors import error_response, sse_error_event
@@ -112,7 +111,35 @@ def finish(upstream: aiohttp.ClientResponse) -> None:
         upstream.close()
 
 
-async def exits_within(proc: EngineProcess, seconds: float) -> bool:
+class UpstreamProcess(Protocol):
+    """What the proxy reads of an engine's process (:class:`engines.process.EngineProcess`)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class Upstream(Protocol):
+    """What the proxy needs of an engine (:class:`engines.engine.Engine`): where it listens, its process,
+    and its log's failure lines."""
+
+    name: str
+    engine_id: str | None
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def process(self) -> UpstreamProcess | None: ...
+
+    def failure_lines(self, n: int = 30) -> tuple[str, ...]: ...
+
+
+async def exits_within(proc: UpstreamProcess, seconds: float) -> bool:
     """Whether ``proc`` has exited, waiting up to ``seconds`` for it.
 
     ``asyncio.wait`` with a timeout, not ``asyncio.wait_for`` (which on Python 3.11 can swallow a
@@ -142,7 +169,7 @@ class Proxy:
         self._explained: dict[str, int | None] = {}  # model -> the engine pid whose death was logged
         self._fingerprints: dict[str, tuple[str | None, str]] = {}  # model -> (engine id, its fingerprint)
 
-    async def forward(self, call: Call, engine: Engine, release: Callable[[], None], *,
+    async def forward(self, call: Call, engine: Upstream, release: Callable[[], None], *,
                       gone: asyncio.Future[None] | None = None) -> Response:
         """Send ``call`` to ``engine``; ``release`` frees the engine slot once the response is over.
 
@@ -174,7 +201,7 @@ class Proxy:
             watching = False
             gone.remove_done_callback(hung_up)
 
-    async def _forward(self, call: Call, engine: Engine, release: Callable[[], None]) -> Response:
+    async def _forward(self, call: Call, engine: Upstream, release: Callable[[], None]) -> Response:
         url = engine.base_url + call.path + ("?" + call.query if call.query else "")
         headers = REQUEST_HEADERS if call.content_type == "application/json" else {
             **REQUEST_HEADERS, "Content-Type": call.content_type}
@@ -209,7 +236,7 @@ class Proxy:
         return response
 
     async def relay(
-        self, call: Call, engine: Engine, upstream: aiohttp.ClientResponse, release: Callable[[], None]
+        self, call: Call, engine: Upstream, upstream: aiohttp.ClientResponse, release: Callable[[], None]
     ) -> AsyncIterator[bytes]:
         """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
         stats = StreamStats()
@@ -288,7 +315,7 @@ class Proxy:
             ttft_s=ttft, decode_s=decode,
         )
 
-    async def _engine_error(self, engine: Engine, e: Exception) -> EngineError:
+    async def _engine_error(self, engine: Upstream, e: Exception) -> EngineError:
         """What the client is told, with the root cause from the engine's log: the engine died (its
         EngineCore is dead, or its process is gone or goes within :data:`EXIT_GRACE_S` of a dropped
         connection), did not answer in time, or the connection failed. A death is logged once per process."""
@@ -313,7 +340,7 @@ class Proxy:
         return EngineError(f"model {engine.name}: the connection to the engine failed: {type(e).__name__}: {e}",
                            model=engine.name)
 
-    async def _fail(self, call: Call, engine: Engine, e: Exception) -> Response:
+    async def _fail(self, call: Call, engine: Upstream, e: Exception) -> Response:
         """A 502 (OpenAI error JSON) naming why the engine failed this call."""
         err = await self._engine_error(engine, e)
         self.metrics.observe_request(call.model, "502", time.perf_counter() - call.started)

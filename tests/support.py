@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psutil
@@ -198,7 +198,7 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen: set[int] = set()  # every descendant pid we have observed, for clean-up
 
-    def start(self, timeout: float = 60.0) -> GatewayProcess:
+    def start(self, timeout: float = 60.0) -> Self:
         """Start it and wait until ``/health`` answers 200; fails with its log if it exits or stays silent."""
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,

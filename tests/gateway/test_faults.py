@@ -364,7 +364,7 @@ def test_gateway_sigterm_under_traffic_finishes_streams_and_stops_engines(
             model = ("alpha", "beta")[i % 2]
             body = {"model": model, "prompt": f"s{i}", "max_tokens": tokens, "stream": True}
             async with c.stream("POST", gw.url + "/v1/completions", json=body) as r:
-                parts = []
+                parts: list[str] = []
                 async for part in r.aiter_text():
                     if not parts:
                         opened += 1

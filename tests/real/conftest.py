@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import psutil
 import pytest
@@ -51,7 +52,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[type[GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     class Factory(GatewayProcess):
-        def start(self, timeout: float = 60.0) -> GatewayProcess:
+        def start(self, timeout: float = 60.0) -> Self:
             started.append(self)
             return super().start(timeout)
 
