@@ -35,26 +35,26 @@ class ApiError(Exception):
         return orjson.dumps({"error": error})
 
 
-def _bad(message: str, param: str | None = None) -> ApiError:
+def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "BadRequestError", param)
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
 _JSON_TYPE: Final = b"application/json"
-_SSE_START: Final[Message] = {
+SSE_START: Final[Message] = {
     "type": "http.response.start",
     "status": 200,
     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
 }
-_DONE: Final = b"data: [DONE]\n\n"
-_NOT_FOUND: Final = b'{"detail":"Not Found"}'
-_NOT_ALLOWED: Final = b'{"detail":"Method Not Allowed"}'
+SSE_DONE: Final = b"data: [DONE]\n\n"
+NOT_FOUND: Final = b'{"detail":"Not Found"}'
+NOT_ALLOWED: Final = b'{"detail":"Method Not Allowed"}'
 
 
-async def _respond(send: Send, status: int, body: bytes = b"", content_type: bytes | None = _JSON_TYPE) -> None:
+async def respond(send: Send, status: int, body: bytes = b"", content_type: bytes | None = _JSON_TYPE) -> None:
     headers = [(b"content-length", str(len(body)).encode())]
     if content_type is not None:
         headers.append((b"content-type", content_type))
@@ -62,14 +62,14 @@ async def _respond(send: Send, status: int, body: bytes = b"", content_type: byt
     await send({"type": "http.response.body", "body": body})
 
 
-async def _chunk(send: Send, body: bytes) -> None:
+async def send_chunk(send: Send, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     message = await receive()
     if message["type"] == "http.disconnect":
-        raise _ClientGone
+        raise ClientGone
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         return body
@@ -77,50 +77,50 @@ async def _read_body(receive: Receive) -> bytes:
     while message.get("more_body", False):
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            raise ClientGone
         parts.append(message.get("body", b""))
     return b"".join(parts)
 
 
-async def _read_json(receive: Receive) -> JSON:
-    body = await _read_body(receive)
+async def read_json(receive: Receive) -> JSON:
+    body = await read_body(receive)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise _bad(f"Invalid JSON body: {exc}") from exc
+        raise bad_request(f"Invalid JSON body: {exc}") from exc
     if not isinstance(data, dict):
-        raise _bad("The request body must be a JSON object.")
+        raise bad_request("The request body must be a JSON object.")
     return data
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def request_header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
     return None
 
 
-def _query(scope: Scope, name: str) -> str | None:
+def query_param(scope: Scope, name: str) -> str | None:
     values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
     return values[0] if values else None
 
 
-def _int_field(req: JSON, key: str, default: int | None, *, minimum: int = 0) -> int | None:
+def int_field(req: JSON, key: str, default: int | None, *, minimum: int = 0) -> int | None:
     value = req.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"`{key}` must be an integer.", key)
+        raise bad_request(f"`{key}` must be an integer.", key)
     if value < minimum:
-        raise _bad(f"`{key}` must be at least {minimum}, got {value}.", key)
+        raise bad_request(f"`{key}` must be at least {minimum}, got {value}.", key)
     return value
 
 
-def _log(level: str, where: str, message: str, stream: TextIO | None = None) -> None:
+def vllm_log(level: str, where: str, message: str, stream: TextIO | None = None) -> None:
     out = stream or sys.stdout
     out.write(f"{level} {time.strftime('%m-%d %H:%M:%S')} [{where}] {message}\n")
     out.flush()
 
 
-def _random_id() -> str:
+def random_id() -> str:
     return os.urandom(16).hex()

@@ -14,11 +14,22 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from tests.fakes import simcard
-from tests.fakes.standin_asgi import JSON, ApiError, Receive, Scope, Send, _bad, _header, _int_field, _log, _random_id
+from tests.fakes.standin_asgi import (
+    JSON,
+    ApiError,
+    Receive,
+    Scope,
+    Send,
+    bad_request,
+    int_field,
+    random_id,
+    request_header,
+    vllm_log,
+)
 from tests.fakes.standin_config import Knobs, LoraModule, ServeArgs
-from tests.fakes.standin_faults import ENGINE_DEAD_MESSAGE, _die_in_batch
+from tests.fakes.standin_faults import ENGINE_DEAD_MESSAGE, kill_core_in_batch
 from tests.fakes.standin_model import DEFAULT_MAX_TOKENS, VLLM_VERSION, generate_words, sequence_seed
-from tests.fakes.standin_requests import _Job, _Prompt, _Run, _Seq
+from tests.fakes.standin_requests import Job, Prompt, RequestRun, Seq
 
 _TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                         7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -64,11 +75,11 @@ class Stats:
     e2e: _Histogram = field(default_factory=lambda: _Histogram(_E2E_BUCKETS))
 
 
-def _label(value: str) -> str:
+def prom_label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _num(value: float) -> str:
+def prom_num(value: float) -> str:
     return repr(float(value))
 
 
@@ -106,7 +117,7 @@ class EngineBase:
         del self.stats.received[:-1000]
         name = req.get("model")
         if name is not None and not isinstance(name, str):
-            raise _bad("`model` must be a string.", "model")
+            raise bad_request("`model` must be a string.", "model")
         self.stats.by_model[name or ""] = self.stats.by_model.get(name or "", 0) + 1
         if not name or name in self.names:
             return self.base_name, self.base_name
@@ -118,38 +129,38 @@ class EngineBase:
         """The number of tokens to generate, or a 400 like vLLM's when it does not fit."""
         limit = self.args.max_model_len
         if prompt_len > limit:
-            raise _bad(f"This model's maximum context length is {limit} tokens. However, your request has "
-                       f"{prompt_len} input tokens. Please reduce the length of the input messages.", "messages")
+            raise bad_request(f"This model's maximum context length is {limit} tokens. However, your request has "
+                              f"{prompt_len} input tokens. Please reduce the length of the input messages.", "messages")
         if max_tokens is None:
             return min(DEFAULT_MAX_TOKENS, limit - prompt_len)
         if prompt_len + max_tokens > limit:
-            raise _bad(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-                       f"maximum context length is {limit} tokens and your request has {prompt_len} input "
-                       f"tokens ({max_tokens} > {limit} - {prompt_len}).", "max_tokens")
+            raise bad_request(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+                              f"maximum context length is {limit} tokens and your request has {prompt_len} input "
+                              f"tokens ({max_tokens} > {limit} - {prompt_len}).", "max_tokens")
         return max_tokens
 
     def _job(self, scope: Scope, req: JSON, *, kind: str, model: str, seed_name: str,
-             prompts: list[_Prompt], max_tokens: int | None) -> _Job:
-        n = _int_field(req, "n", 1, minimum=1) or 1
+             prompts: list[Prompt], max_tokens: int | None) -> Job:
+        n = int_field(req, "n", 1, minimum=1) or 1
         tokens = min(self._check_length(len(prompt.ids), max_tokens) for prompt in prompts)
         stream = bool(req.get("stream"))
         options = req.get("stream_options")
         if options is not None and not isinstance(options, dict):
-            raise _bad("`stream_options` must be an object.", "stream_options")
+            raise bad_request("`stream_options` must be an object.", "stream_options")
         if options and not stream:
-            raise _bad("Stream options can only be defined when `stream=True`.", "stream_options")
+            raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
         # StreamOptions.include_usage defaults to False (vllm/entrypoints/generate/base/protocol.py).
         include_usage = bool(options.get("include_usage")) if options else False
         if self.sim is not None and self.sim.garbage(seed_name):  # discarded weights answer something else
             seed_name += "\0discarded weights"
-        seqs: list[_Seq] = []
+        seqs: list[Seq] = []
         for p, prompt in enumerate(prompts):
             for i in range(n):
                 seed = sequence_seed(seed_name, prompt.text, i)
-                seqs.append(_Seq(p * n + i, prompt, seed, generate_words(seed, tokens)))
+                seqs.append(Seq(p * n + i, prompt, seed, generate_words(seed, tokens)))
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        return _Job(
-            request_id=prefix + (_header(scope, b"x-request-id") or _random_id()),
+        return Job(
+            request_id=prefix + (request_header(scope, b"x-request-id") or random_id()),
             created=int(time.time()),
             model=model,
             prompts=prompts,
@@ -162,13 +173,13 @@ class EngineBase:
             fingerprint=self.fingerprint,
         )
 
-    async def _run(self, receive: Receive, send: Send, job: _Job,
-                   body: Callable[[_Run], Awaitable[bool]]) -> None:
+    async def _run(self, receive: Receive, send: Send, job: Job,
+                   body: Callable[[RequestRun], Awaitable[bool]]) -> None:
         self.stats.prompt_tokens += job.prompt_tokens
         if self.args.enable_log_requests:
             self._log_request(job)
         kv = sum(len(seq.prompt.ids) + job.max_tokens for seq in job.seqs)
-        run = _Run(self, receive, kv)
+        run = RequestRun(self, receive, kv)
         completed = False
         try:
             completed = await body(run)
@@ -176,7 +187,7 @@ class EngineBase:
             run.close(completed=completed, tokens=job.completion_tokens if completed else 0,
                       finish_reason=job.finish_reason)
 
-    def _log_request(self, job: _Job) -> None:
+    def _log_request(self, job: Job) -> None:
         """vLLM's request log, written synchronously from the serving loop
         (``vllm/entrypoints/serve/utils/request_logger.py``, ``RequestLogger.log_inputs``): the prompt
         at DEBUG (cut to ``--max-log-len``), then the "Received request" line at INFO."""
@@ -184,12 +195,12 @@ class EngineBase:
         if os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper() == "DEBUG":
             for prompt in job.prompts:
                 text = prompt.text if self.args.max_log_len is None else prompt.text[: self.args.max_log_len]
-                _log("DEBUG", "request_logger.py:55", f"Request {job.request_id} details: prompt: {text!r}, "
-                     "prompt_token_ids: None, prompt_embeds shape: None.")
-        _log("INFO", where, f"Received request {job.request_id}: params: SamplingParams(n={len(job.seqs)}, "
-             f"temperature=1.0, max_tokens={job.max_tokens}), lora_request: None.")
+                vllm_log("DEBUG", "request_logger.py:55", f"Request {job.request_id} details: prompt: {text!r}, "
+                         "prompt_token_ids: None, prompt_embeds shape: None.")
+        vllm_log("INFO", where, f"Received request {job.request_id}: params: SamplingParams(n={len(job.seqs)}, "
+                 f"temperature=1.0, max_tokens={job.max_tokens}), lora_request: None.")
 
-    async def _generate_all(self, run: _Run, job: _Job) -> bool:
+    async def _generate_all(self, run: RequestRun, job: Job) -> bool:
         """Non-streaming: wait as long as generating every token takes; False if the client left."""
         if not await run.prefill():
             return False
@@ -202,13 +213,13 @@ class EngineBase:
         rest = self.knobs.token_delay * (job.max_tokens - 1)
         return rest <= 0 or await run.pause(rest)
 
-    def _check_batch(self, job: _Job) -> None:
+    def _check_batch(self, job: Job) -> None:
         """``STANDIN_DIE_IN_BATCH``: die when the batch is full; once dead, fail every request."""
         limit = self.knobs.die_in_batch
         if limit is None:
             return
         if not self.core_dead and self.stats.running >= limit:
             self.core_dead = True
-            _die_in_batch(self.stats.running, sum(len(seq.prompt.ids) for seq in job.seqs) * self.stats.running)
+            kill_core_in_batch(self.stats.running, sum(len(seq.prompt.ids) for seq in job.seqs) * self.stats.running)
         if self.core_dead:
             raise ApiError(500, ENGINE_DEAD_MESSAGE, "InternalServerError")

@@ -110,24 +110,24 @@ import uvicorn
 
 from tests.fakes import simcard, standin_routes
 from tests.fakes.standin_asgi import (
-    _NOT_ALLOWED,
-    _NOT_FOUND,
     JSON,
+    NOT_ALLOWED,
+    NOT_FOUND,
     ApiError,
+    ClientGone,
     Handler,
     Message,
     Receive,
     Scope,
     Send,
-    _ClientGone,
-    _log,
-    _respond,
+    respond,
+    vllm_log,
 )
 from tests.fakes.standin_config import Knobs, LoraModule, ServeArgs, parse_args
-from tests.fakes.standin_faults import _OOM_TEXT, BATCH_DEATH_CAUSE, ENGINE_DEAD_MESSAGE, _fail_start, _hang_forever
+from tests.fakes.standin_faults import BATCH_DEATH_CAUSE, ENGINE_DEAD_MESSAGE, OOM_TEXT, hang_forever, refuse_start
 from tests.fakes.standin_generation import GenerationRoutes
 from tests.fakes.standin_info import InfoRoutes
-from tests.fakes.standin_lifecycle import LifecycleRoutes, _check_lora
+from tests.fakes.standin_lifecycle import LifecycleRoutes, check_lora
 from tests.fakes.standin_model import (
     DEFAULT_MAX_MODEL_LEN,
     DEFAULT_MAX_TOKENS,
@@ -201,12 +201,12 @@ class StandInEngine(GenerationRoutes, InfoRoutes, LifecycleRoutes):
             if handler is not None:
                 await handler(scope, receive, send)
             elif methods is None:
-                await _respond(send, 404, _NOT_FOUND)
+                await respond(send, 404, NOT_FOUND)
             else:
-                await _respond(send, 405, _NOT_ALLOWED)
+                await respond(send, 405, NOT_ALLOWED)
         except ApiError as exc:
-            await _respond(send, exc.status, exc.body())
-        except _ClientGone:
+            await respond(send, exc.status, exc.body())
+        except ClientGone:
             pass
 
 
@@ -218,7 +218,7 @@ async def _serve(server: uvicorn.Server, knobs: Knobs) -> None:
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers no "started" event
         await asyncio.sleep(0.005)
     if knobs.hang_after is not None and server.started:
-        asyncio.get_running_loop().call_later(knobs.hang_after, _hang_forever)
+        asyncio.get_running_loop().call_later(knobs.hang_after, hang_forever)
     await task
 
 
@@ -232,25 +232,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if knobs.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _log("INFO", "api_server.py:1885", f"vLLM API server version {VLLM_VERSION} (stand-in engine)")
-    _log("INFO", "utils.py:328", f"non-default args: {{'model': {args.model!r}, 'host': {args.host!r}, "
-         f"'port': {args.port}, 'served_model_name': {list(args.names)!r}, 'max_model_len': "
-         f"{args.max_model_len}, 'enable_lora': {args.enable_lora}, 'enable_sleep_mode': "
-         f"{args.enable_sleep_mode}}}")
+    vllm_log("INFO", "api_server.py:1885", f"vLLM API server version {VLLM_VERSION} (stand-in engine)")
+    vllm_log("INFO", "utils.py:328", f"non-default args: {{'model': {args.model!r}, 'host': {args.host!r}, "
+             f"'port': {args.port}, 'served_model_name': {list(args.names)!r}, 'max_model_len': "
+             f"{args.max_model_len}, 'enable_lora': {args.enable_lora}, 'enable_sleep_mode': "
+             f"{args.enable_sleep_mode}}}")
     if args.ignored:
-        _log("INFO", "standin_engine", f"ignored flags: {' '.join(args.ignored)}")
-    _log("INFO", "gpu_model_runner.py:2000", f"Starting to load model {args.model}...")
+        vllm_log("INFO", "standin_engine", f"ignored flags: {' '.join(args.ignored)}")
+    vllm_log("INFO", "gpu_model_runner.py:2000", f"Starting to load model {args.model}...")
     if knobs.start_delay > 0:
         time.sleep(knobs.start_delay)
     if knobs.oom:
-        return _fail_start("Traceback (most recent call last):",
-                           '  File "vllm/v1/worker/gpu_model_runner.py", line 2620, in load_model', _OOM_TEXT)
+        return refuse_start("Traceback (most recent call last):",
+                            '  File "vllm/v1/worker/gpu_model_runner.py", line 2620, in load_model', OOM_TEXT)
     if knobs.fail_start is not None:
-        return _fail_start(knobs.fail_start)
+        return refuse_start(knobs.fail_start)
     for module in args.lora_modules:
-        error = _check_lora(args, module)
+        error = check_lora(args, module)
         if error is not None:
-            return _fail_start(f"ValueError: {error.message}")
+            return refuse_start(f"ValueError: {error.message}")
     sim = None
     if os.environ.get(simcard.ENV_LEDGER):
         try:
@@ -258,18 +258,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 simcard.Ledger(os.environ[simcard.ENV_LEDGER]), model_dir=args.model, flags=args.ignored,
                 served_name=args.names[0], skip_reload=os.environ.get(simcard.ENV_SKIP_RELOAD) == "1")
         except simcard.StartRefused as exc:
-            return _fail_start(*exc.lines)
-    _log("INFO", "gpu_model_runner.py:2100",
-         f"Model loading took 0.0000 GiB and {knobs.start_delay:.6f} seconds")
+            return refuse_start(*exc.lines)
+    vllm_log("INFO", "gpu_model_runner.py:2100",
+             f"Model loading took 0.0000 GiB and {knobs.start_delay:.6f} seconds")
     for module in args.lora_modules:
-        _log("INFO", "serving_models.py:200", f"Loaded new LoRA adapter: name '{module.name}', path '{module.path}'")
+        vllm_log("INFO", "serving_models.py:200",
+                 f"Loaded new LoRA adapter: name '{module.name}', path '{module.path}'")
     engine = StandInEngine(
         args, knobs,
         dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "0").strip() == "1",
         runtime_lora=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() in ("1", "true"),
         sim=sim,
     )
-    _log("INFO", "api_server.py:1971", f"Starting vLLM API server 0 on http://{args.host}:{args.port}")
+    vllm_log("INFO", "api_server.py:1971", f"Starting vLLM API server 0 on http://{args.host}:{args.port}")
     config = uvicorn.Config(engine, host=args.host, port=args.port, loop="uvloop", http="httptools",
                             lifespan="on", access_log=False, log_level="info", timeout_graceful_shutdown=1,
                             backlog=4096)

@@ -11,15 +11,15 @@ import sys
 import time
 from typing import Final, NoReturn
 
-from tests.fakes.standin_asgi import _log
+from tests.fakes.standin_asgi import vllm_log
 
 
-def _crash(reason: str) -> NoReturn:
-    _log("ERROR", "core.py:1021", "EngineCore encountered a fatal error.", sys.stderr)
-    _log("ERROR", "core.py:1021", reason, sys.stderr)
-    _log("ERROR", "async_llm.py:480", "AsyncLLM output_handler failed.", sys.stderr)
-    _log("ERROR", "async_llm.py:480", "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered "
-         "an issue. See stack trace (above) for the root cause.", sys.stderr)
+def crash_engine_core(reason: str) -> NoReturn:
+    vllm_log("ERROR", "core.py:1021", "EngineCore encountered a fatal error.", sys.stderr)
+    vllm_log("ERROR", "core.py:1021", reason, sys.stderr)
+    vllm_log("ERROR", "async_llm.py:480", "AsyncLLM output_handler failed.", sys.stderr)
+    vllm_log("ERROR", "async_llm.py:480", "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered "
+             "an issue. See stack trace (above) for the root cause.", sys.stderr)
     sys.stdout.flush()
     os._exit(1)
 
@@ -32,7 +32,7 @@ BATCH_DEATH_CAUSE: Final = ("RuntimeError: einsum(): subscript b has size {n} fo
                             "broadcast with previously seen size {tokens} (stand-in)")
 
 
-def _die_in_batch(running: int, tokens: int) -> None:
+def kill_core_in_batch(running: int, tokens: int) -> None:
     """Print what vLLM prints when its EngineCore dies in a step, then exit 0 a second later."""
     stamp = time.strftime("%m-%d %H:%M:%S")
     core, api = f"(EngineCore pid={os.getpid()}) ERROR {stamp} [core.py:1512] ", f"(APIServer pid={os.getpid()}) "
@@ -53,8 +53,7 @@ def _die_in_batch(running: int, tokens: int) -> None:
     asyncio.get_running_loop().call_later(1.0, os._exit, 0)
 
 
-
-_OOM_TEXT: Final = (
+OOM_TEXT: Final = (
     "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.96 GiB. GPU 0 has a total capacity of "
     "23.55 GiB of which 1.06 GiB is free. Including non-PyTorch memory, this process has 22.48 GiB memory in "
     "use. Of the allocated memory 21.95 GiB is allocated by PyTorch, and 84.50 MiB is reserved by PyTorch "
@@ -64,20 +63,20 @@ _OOM_TEXT: Final = (
 )
 
 
-def _fail_start(*lines: str) -> int:
+def refuse_start(*lines: str) -> int:
     where = "core.py:708"
-    _log("ERROR", where, "EngineCore failed to start.", sys.stderr)
+    vllm_log("ERROR", where, "EngineCore failed to start.", sys.stderr)
     for line in lines:
-        _log("ERROR", where, line, sys.stderr)
+        vllm_log("ERROR", where, line, sys.stderr)
     sys.stderr.write("RuntimeError: Engine core initialization failed. See root cause above. "
                      "Failed core proc(s): {}\n")
     sys.stderr.flush()
     return 1
 
 
-def _hang_forever() -> NoReturn:
+def hang_forever() -> NoReturn:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _log("WARNING", "standin_engine", "STANDIN_HANG: blocking for ever; only SIGKILL stops this process",
-         sys.stderr)
+    vllm_log("WARNING", "standin_engine", "STANDIN_HANG: blocking for ever; only SIGKILL stops this process",
+             sys.stderr)
     while True:
         time.sleep(3600)

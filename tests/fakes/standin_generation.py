@@ -12,38 +12,38 @@ import time
 import orjson
 
 from tests.fakes.standin_asgi import (
-    _DONE,
-    _SSE_START,
     JSON,
+    SSE_DONE,
+    SSE_START,
     ApiError,
     Receive,
     Scope,
     Send,
-    _bad,
-    _chunk,
-    _int_field,
-    _random_id,
-    _read_json,
-    _respond,
+    bad_request,
+    int_field,
+    random_id,
+    read_json,
+    respond,
+    send_chunk,
 )
 from tests.fakes.standin_base import EngineBase
 from tests.fakes.standin_model import (
-    _GOLDEN,
-    _WORD_JSON,
     EMBEDDING_DIM,
+    GOLDEN,
     MAX_LOGPROBS,
+    WORD_JSON,
     WORDS,
-    _logprob,
-    _message_text,
-    _mix32,
-    _top_logprobs,
     decode,
     encode,
+    fake_logprob,
+    fake_top_logprobs,
+    message_text,
+    mix32,
     render_chat,
     sequence_seed,
     token_text,
 )
-from tests.fakes.standin_requests import _TEXT, _Job, _Prompt, _Run, _Seq, _template, _usage
+from tests.fakes.standin_requests import TEXT_SENTINEL, Job, Prompt, RequestRun, Seq, chunk_template, usage_json
 
 
 class GenerationRoutes(EngineBase):
@@ -52,17 +52,17 @@ class GenerationRoutes(EngineBase):
     # -- completions -------------------------------------------------------------------------------
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         try:
             model, seed_name = self._admit(scope, req)
             prompts = _completion_prompts(req.get("prompt"))
             job = self._job(scope, req, kind="completion", model=model, seed_name=seed_name, prompts=prompts,
-                            max_tokens=_int_field(req, "max_tokens", None))
-            job.logprobs = _int_field(req, "logprobs", None)
+                            max_tokens=int_field(req, "max_tokens", None))
+            job.logprobs = int_field(req, "logprobs", None)
             job.return_token_ids = bool(req.get("return_token_ids"))
             if job.logprobs is not None and job.logprobs > MAX_LOGPROBS:
-                raise _bad(f"Requested sample logprobs of {job.logprobs}, which is greater than max allowed: "
-                           f"{MAX_LOGPROBS}", "logprobs")
+                raise bad_request(f"Requested sample logprobs of {job.logprobs}, which is greater than max allowed: "
+                                  f"{MAX_LOGPROBS}", "logprobs")
         except ApiError:
             self.stats.rejected += 1
             raise
@@ -71,7 +71,7 @@ class GenerationRoutes(EngineBase):
         else:
             await self._run(receive, send, job, lambda run: self._complete(run, send, job))
 
-    def _completion_logprobs(self, job: _Job, seq: _Seq, start: int, stop: int, *, with_prompt: bool,
+    def _completion_logprobs(self, job: Job, seq: Seq, start: int, stop: int, *, with_prompt: bool,
                              offset: int = 0) -> JSON:
         tokens: list[str] = []
         token_logprobs: list[float | None] = []
@@ -85,22 +85,22 @@ class GenerationRoutes(EngineBase):
                     token_logprobs.append(None)
                     top.append(None)
                 else:
-                    lp = _logprob(token_id, position)
+                    lp = fake_logprob(token_id, position)
                     token_logprobs.append(lp)
-                    top.append(_top_logprobs(text, lp, token_id + position, k))
+                    top.append(fake_top_logprobs(text, lp, token_id + position, k))
         for position in range(start, stop):
             word = WORDS[seq.words[position]]
-            lp = _logprob(seq.seed, position)
+            lp = fake_logprob(seq.seed, position)
             tokens.append(word)
             token_logprobs.append(lp)
-            top.append(_top_logprobs(word, lp, seq.seed + position, k))
+            top.append(fake_top_logprobs(word, lp, seq.seed + position, k))
         offsets: list[int] = []
         for text in tokens:
             offsets.append(offset)
             offset += len(text)
         return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}
 
-    async def _complete(self, run: _Run, send: Send, job: _Job) -> bool:
+    async def _complete(self, run: RequestRun, send: Send, job: Job) -> bool:
         if not await self._generate_all(run, job):
             return False
         choices = []
@@ -120,10 +120,10 @@ class GenerationRoutes(EngineBase):
             "choices": choices, "service_tier": None, "system_fingerprint": job.fingerprint,
             "usage": {**job.usage(), "prompt_tokens_details": None}, "kv_transfer_params": None,
         }
-        await _respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
         return True
 
-    def _completion_chunk(self, job: _Job, index: int, text: str, *, logprobs: JSON | None = None,
+    def _completion_chunk(self, job: Job, index: int, text: str, *, logprobs: JSON | None = None,
                           finish: str | None = None, usage: JSON | None = None) -> JSON:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
                   "stop_reason": None, "prompt_token_ids": None, "token_ids": None}
@@ -134,14 +134,15 @@ class GenerationRoutes(EngineBase):
         job.stamp(chunk, finish)
         return chunk
 
-    async def _stream_completion(self, run: _Run, send: Send, job: _Job) -> bool:
-        await send(_SSE_START)
+    async def _stream_completion(self, run: RequestRun, send: Send, job: Job) -> bool:
+        await send(SSE_START)
         if not await run.prefill():
             return False
         plain = not (job.echo or job.logprobs is not None or job.continuous_usage)
         templates = [
-            (_template(self._completion_chunk(job, seq.index, _TEXT), _TEXT),
-             _template(self._completion_chunk(job, seq.index, _TEXT, finish=job.finish_reason), _TEXT))
+            (chunk_template(self._completion_chunk(job, seq.index, TEXT_SENTINEL), TEXT_SENTINEL),
+             chunk_template(self._completion_chunk(job, seq.index, TEXT_SENTINEL, finish=job.finish_reason),
+                            TEXT_SENTINEL))
             for seq in job.seqs
         ] if plain else []
         offsets = [0] * len(job.seqs)
@@ -154,7 +155,7 @@ class GenerationRoutes(EngineBase):
                 word = seq.words[k]
                 if plain:
                     head, tail = templates[s][last]
-                    await _chunk(send, head + _WORD_JSON[word] + tail)
+                    await send_chunk(send, head + WORD_JSON[word] + tail)
                     continue
                 echo = job.echo and k == 0
                 text = seq.prompt.text + WORDS[word] if echo else WORDS[word]
@@ -162,55 +163,55 @@ class GenerationRoutes(EngineBase):
                 if job.logprobs is not None:
                     logprobs = self._completion_logprobs(job, seq, k, k + 1, with_prompt=echo, offset=offsets[s])
                 offsets[s] += len(text)
-                usage = _usage(len(seq.prompt.ids), k + 1) if job.continuous_usage else None
+                usage = usage_json(len(seq.prompt.ids), k + 1) if job.continuous_usage else None
                 chunk = self._completion_chunk(job, seq.index, text, logprobs=logprobs,
                                                finish=job.finish_reason if last else None, usage=usage)
-                await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await send_chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         if job.max_tokens == 0 and job.echo:
             for seq in job.seqs:
                 logprobs = None
                 if job.logprobs is not None:
                     logprobs = self._completion_logprobs(job, seq, 0, 0, with_prompt=True)
-                usage = _usage(len(seq.prompt.ids), 0) if job.continuous_usage else None
+                usage = usage_json(len(seq.prompt.ids), 0) if job.continuous_usage else None
                 chunk = self._completion_chunk(job, seq.index, seq.prompt.text, logprobs=logprobs,
                                                finish=job.finish_reason, usage=usage)
-                await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await send_chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         await self._finish_stream(send, job, "text_completion")
         return True
 
-    async def _finish_stream(self, send: Send, job: _Job, kind: str) -> None:
+    async def _finish_stream(self, send: Send, job: Job, kind: str) -> None:
         if job.include_usage:
             final = {"id": job.request_id, "object": kind, "created": job.created, "model": job.model,
                      "choices": [], "usage": job.usage(), "system_fingerprint": job.fingerprint}
-            await _chunk(send, b"data: " + orjson.dumps(final) + b"\n\n")
-        await send({"type": "http.response.body", "body": _DONE})
+            await send_chunk(send, b"data: " + orjson.dumps(final) + b"\n\n")
+        await send({"type": "http.response.body", "body": SSE_DONE})
 
     # -- chat --------------------------------------------------------------------------------------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         try:
             model, seed_name = self._admit(scope, req)
             messages = req.get("messages")
             if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                raise _bad("`messages` must be a non-empty list of objects.", "messages")
+                raise bad_request("`messages` must be a non-empty list of objects.", "messages")
             add_generation_prompt = req.get("add_generation_prompt", True) is not False
             text = render_chat(messages, add_generation_prompt=add_generation_prompt)
-            max_tokens = _int_field(req, "max_completion_tokens", None)
+            max_tokens = int_field(req, "max_completion_tokens", None)
             if max_tokens is None:
-                max_tokens = _int_field(req, "max_tokens", None)
+                max_tokens = int_field(req, "max_tokens", None)
             job = self._job(scope, req, kind="chat", model=model, seed_name=seed_name,
-                            prompts=[_Prompt(text, encode(text))], max_tokens=max_tokens)
-            top = _int_field(req, "top_logprobs", 0) or 0
+                            prompts=[Prompt(text, encode(text))], max_tokens=max_tokens)
+            top = int_field(req, "top_logprobs", 0) or 0
             if top > MAX_LOGPROBS:
-                raise _bad(f"`top_logprobs` must be at most {MAX_LOGPROBS}.", "top_logprobs")
+                raise bad_request(f"`top_logprobs` must be at most {MAX_LOGPROBS}.", "top_logprobs")
             if req.get("logprobs"):
                 job.logprobs = top
             elif top:
-                raise _bad("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+                raise bad_request("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
             role = "assistant" if add_generation_prompt else str(messages[-1].get("role", "assistant"))
             if job.echo and messages[-1].get("role") == role:
-                job.echo_text = _message_text(messages[-1].get("content"))
+                job.echo_text = message_text(messages[-1].get("content"))
         except ApiError:
             self.stats.rejected += 1
             raise
@@ -219,12 +220,12 @@ class GenerationRoutes(EngineBase):
         else:
             await self._run(receive, send, job, lambda run: self._chat_complete(run, send, job))
 
-    def _chat_logprobs(self, job: _Job, seq: _Seq, start: int, stop: int) -> JSON:
+    def _chat_logprobs(self, job: Job, seq: Seq, start: int, stop: int) -> JSON:
         content = []
         for position in range(start, stop):
             word = WORDS[seq.words[position]]
-            lp = _logprob(seq.seed, position)
-            top = list(_top_logprobs(word, lp, seq.seed + position, job.logprobs or 0).items())
+            lp = fake_logprob(seq.seed, position)
+            top = list(fake_top_logprobs(word, lp, seq.seed + position, job.logprobs or 0).items())
             content.append({
                 "token": word, "logprob": lp, "bytes": list(word.encode()),
                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
@@ -232,7 +233,7 @@ class GenerationRoutes(EngineBase):
             })
         return {"content": content}
 
-    async def _chat_complete(self, run: _Run, send: Send, job: _Job) -> bool:
+    async def _chat_complete(self, run: RequestRun, send: Send, job: Job) -> bool:
         if not await self._generate_all(run, job):
             return False
         choices = []
@@ -249,10 +250,10 @@ class GenerationRoutes(EngineBase):
             "usage": {**job.usage(), "prompt_tokens_details": None}, "prompt_logprobs": None,
             "prompt_token_ids": None, "kv_transfer_params": None,
         }
-        await _respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
         return True
 
-    def _chat_chunk(self, job: _Job, index: int, delta: JSON, *, logprobs: JSON | None = None,
+    def _chat_chunk(self, job: Job, index: int, delta: JSON, *, logprobs: JSON | None = None,
                     finish: str | None = None, token_ids: bool = True, usage: JSON | None = None) -> JSON:
         choice: JSON = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
@@ -266,24 +267,25 @@ class GenerationRoutes(EngineBase):
         job.stamp(chunk, finish)
         return chunk
 
-    async def _stream_chat(self, run: _Run, send: Send, job: _Job) -> bool:
-        await send(_SSE_START)
+    async def _stream_chat(self, run: RequestRun, send: Send, job: Job) -> bool:
+        await send(SSE_START)
         if not await run.prefill():
             return False
         for seq in job.seqs:
             chunk = self._chat_chunk(job, seq.index, {"role": "assistant", "content": ""}, token_ids=False,
-                                     usage=_usage(len(seq.prompt.ids), 0) if job.continuous_usage else None)
+                                     usage=usage_json(len(seq.prompt.ids), 0) if job.continuous_usage else None)
             chunk["prompt_token_ids"] = None
-            await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await send_chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         if job.echo_text:
             for seq in job.seqs:
                 chunk = self._chat_chunk(job, seq.index, {"content": job.echo_text}, token_ids=False,
-                                         usage=_usage(len(seq.prompt.ids), 0) if job.continuous_usage else None)
-                await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
+                                         usage=usage_json(len(seq.prompt.ids), 0) if job.continuous_usage else None)
+                await send_chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         plain = not (job.logprobs is not None or job.continuous_usage)
         templates = [
-            (_template(self._chat_chunk(job, seq.index, {"content": _TEXT}), _TEXT),
-             _template(self._chat_chunk(job, seq.index, {"content": _TEXT}, finish=job.finish_reason), _TEXT))
+            (chunk_template(self._chat_chunk(job, seq.index, {"content": TEXT_SENTINEL}), TEXT_SENTINEL),
+             chunk_template(self._chat_chunk(job, seq.index, {"content": TEXT_SENTINEL}, finish=job.finish_reason),
+                            TEXT_SENTINEL))
             for seq in job.seqs
         ] if plain else []
         for k in range(job.max_tokens):
@@ -295,39 +297,39 @@ class GenerationRoutes(EngineBase):
                 word = seq.words[k]
                 if plain:
                     head, tail = templates[s][last]
-                    await _chunk(send, head + _WORD_JSON[word] + tail)
+                    await send_chunk(send, head + WORD_JSON[word] + tail)
                     continue
                 logprobs = self._chat_logprobs(job, seq, k, k + 1) if job.logprobs is not None else None
                 chunk = self._chat_chunk(job, seq.index, {"content": WORDS[word]}, logprobs=logprobs,
                                          finish=job.finish_reason if last else None,
-                                         usage=_usage(len(seq.prompt.ids), k + 1) if job.continuous_usage else None)
-                await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
+                                         usage=usage_json(len(seq.prompt.ids), k + 1) if job.continuous_usage else None)
+                await send_chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         if job.max_tokens == 0:
             for seq in job.seqs:
                 chunk = self._chat_chunk(job, seq.index, {"content": ""}, finish=job.finish_reason)
-                await _chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await send_chunk(send, b"data: " + orjson.dumps(chunk) + b"\n\n")
         await self._finish_stream(send, job, "chat.completion.chunk")
         return True
 
     # -- embeddings ----------------------------------------------------------------------------------
 
     async def _embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         try:
             model, seed_name = self._admit(scope, req)
             prompts = _completion_prompts(req.get("input"), param="input")
             for prompt in prompts:
                 self._check_length(len(prompt.ids), 0)
-            dims = _int_field(req, "dimensions", EMBEDDING_DIM, minimum=1) or EMBEDDING_DIM
+            dims = int_field(req, "dimensions", EMBEDDING_DIM, minimum=1) or EMBEDDING_DIM
             encoding = req.get("encoding_format") or "float"
             if encoding not in ("float", "base64"):
-                raise _bad("`encoding_format` must be 'float' or 'base64'.", "encoding_format")
+                raise bad_request("`encoding_format` must be 'float' or 'base64'.", "encoding_format")
         except ApiError:
             self.stats.rejected += 1
             raise
         prompt_tokens = sum(len(p.ids) for p in prompts)
         self.stats.prompt_tokens += prompt_tokens
-        run = _Run(self, receive, prompt_tokens)
+        run = RequestRun(self, receive, prompt_tokens)
         completed = False
         try:
             if not await run.prefill():
@@ -339,43 +341,43 @@ class GenerationRoutes(EngineBase):
                 if encoding == "base64":
                     value = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
                 data.append({"index": index, "object": "embedding", "embedding": value})
-            body = {"id": f"embd-{_random_id()}", "object": "list", "created": int(time.time()), "model": model,
+            body = {"id": f"embd-{random_id()}", "object": "list", "created": int(time.time()), "model": model,
                     "data": data, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens,
                                             "completion_tokens": 0, "prompt_tokens_details": None}}
-            await _respond(send, 200, orjson.dumps(body))
+            await respond(send, 200, orjson.dumps(body))
             completed = True
         finally:
             run.close(completed=completed, tokens=0, finish_reason=None)
 
 
-def _completion_prompts(prompt: object, *, param: str = "prompt") -> list[_Prompt]:
+def _completion_prompts(prompt: object, *, param: str = "prompt") -> list[Prompt]:
     """vLLM's prompt forms: a string, a list of strings, token ids, or a list of token-id lists."""
 
     def is_ids(value: object) -> bool:
         return isinstance(value, list) and bool(value) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in value)
 
-    def from_ids(ids: list[int]) -> _Prompt:
+    def from_ids(ids: list[int]) -> Prompt:
         try:
-            return _Prompt(decode(ids), ids)
+            return Prompt(decode(ids), ids)
         except ValueError as exc:
-            raise _bad(str(exc), param) from exc
+            raise bad_request(str(exc), param) from exc
 
     if isinstance(prompt, str) and prompt:
-        return [_Prompt(prompt, encode(prompt))]
+        return [Prompt(prompt, encode(prompt))]
     if is_ids(prompt):
         assert isinstance(prompt, list)
         return [from_ids(prompt)]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) and p for p in prompt):
-            return [_Prompt(p, encode(p)) for p in prompt]
+            return [Prompt(p, encode(p)) for p in prompt]
         if all(is_ids(p) for p in prompt):
             return [from_ids(p) for p in prompt]
-    raise _bad(f"`{param}` must be a non-empty string, a list of strings, a list of token ids or a list of "
-               "token-id lists.", param)
+    raise bad_request(f"`{param}` must be a non-empty string, a list of strings, a list of token ids or a list of "
+                      "token-id lists.", param)
 
 
 def _embedding(seed: int, dims: int) -> list[float]:
-    raw = [_mix32(seed + i * _GOLDEN) / 0x7FFFFFFF - 1.0 for i in range(dims)]
+    raw = [mix32(seed + i * GOLDEN) / 0x7FFFFFFF - 1.0 for i in range(dims)]
     norm = math.sqrt(sum(v * v for v in raw)) or 1.0
     return [v / norm for v in raw]

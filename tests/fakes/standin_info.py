@@ -11,8 +11,8 @@ import time
 
 import orjson
 
-from tests.fakes.standin_asgi import JSON, ApiError, Receive, Scope, Send, _bad, _random_id, _read_json, _respond
-from tests.fakes.standin_base import EngineBase, _label, _num
+from tests.fakes.standin_asgi import JSON, ApiError, Receive, Scope, Send, bad_request, random_id, read_json, respond
+from tests.fakes.standin_base import EngineBase, prom_label, prom_num
 from tests.fakes.standin_model import KV_CAPACITY_SEQUENCES, VLLM_VERSION, decode, encode, render_chat, token_text
 
 
@@ -24,17 +24,17 @@ class InfoRoutes(EngineBase):
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.knobs.slow_health > 0:
             await asyncio.sleep(self.knobs.slow_health)
-        await _respond(send, 200, content_type=None)
+        await respond(send, 200, content_type=None)
 
     async def _version(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _respond(send, 200, orjson.dumps({"version": VLLM_VERSION}))
+        await respond(send, 200, orjson.dumps({"version": VLLM_VERSION}))
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         now = int(time.time())
 
         def card(name: str, root: str, parent: str | None, max_model_len: int | None) -> JSON:
             permission = {
-                "id": f"modelperm-{_random_id()}", "object": "model_permission", "created": now,
+                "id": f"modelperm-{random_id()}", "object": "model_permission", "created": now,
                 "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                 "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                 "organization": "*", "group": None, "is_blocking": False,
@@ -44,7 +44,7 @@ class InfoRoutes(EngineBase):
 
         data = [card(name, self.args.model, None, self.args.max_model_len) for name in self.names]
         data += [card(m.name, m.path, m.base_model_name or self.base_name, None) for m in self.loras.values()]
-        await _respond(send, 200, orjson.dumps({"object": "list", "data": data}))
+        await respond(send, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def _stats(self, scope: Scope, receive: Receive, send: Send) -> None:
         s = self.stats
@@ -55,21 +55,21 @@ class InfoRoutes(EngineBase):
             "by_model": s.by_model, "sleeping": not self.awake.is_set(), "sleep_level": self.sleep_level,
             "loras": sorted(self.loras), "pid": os.getpid(), "received": s.received,
         }
-        await _respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
 
     async def _last_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         last = dict(self.last_request)
         if "headers" in last:
             last["headers"] = {k.decode("latin-1"): v.decode("latin-1") for k, v in last["headers"]}
-        await _respond(send, 200, orjson.dumps(last))
+        await respond(send, 200, orjson.dumps(last))
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _respond(send, 200, self.metrics_text().encode(), b"text/plain; version=0.0.4; charset=utf-8")
+        await respond(send, 200, self.metrics_text().encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
     def metrics_text(self) -> str:
         """Prometheus text with the ``vllm:*`` series gateways read, labelled like vLLM's."""
         s = self.stats
-        model = _label(self.base_name)
+        model = prom_label(self.base_name)
         labels = f'engine="0",model_name="{model}"'
         out: list[str] = []
 
@@ -77,7 +77,7 @@ class InfoRoutes(EngineBase):
             out.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
 
         def sample(name: str, value: float, extra: str = "") -> None:
-            out.append(f"{name}{{{labels}{extra}}} {_num(value)}\n")
+            out.append(f"{name}{{{labels}{extra}}} {prom_num(value)}\n")
 
         family("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.")
         sample("vllm:num_requests_running", s.running)
@@ -91,7 +91,7 @@ class InfoRoutes(EngineBase):
                "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.")
         for state, on in (("awake", self.sleep_level == 0), ("weights_offloaded", self.sleep_level == 1),
                           ("discard_all", self.sleep_level == 2)):
-            out.append(f'vllm:engine_sleep_state{{{labels},sleep_state="{state}"}} {_num(on)}\n')
+            out.append(f'vllm:engine_sleep_state{{{labels},sleep_state="{state}"}} {prom_num(on)}\n')
         family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.")
         sample("vllm:prompt_tokens_total", s.prompt_tokens)
         family("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.")
@@ -99,7 +99,7 @@ class InfoRoutes(EngineBase):
         family("vllm:request_success_total", "counter", "Count of successfully processed requests.")
         for reason in ("abort", "length", "stop"):
             out.append(f'vllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="{model}"}} '
-                       f"{_num(s.finished.get(reason, 0))}\n")
+                       f"{prom_num(s.finished.get(reason, 0))}\n")
         for name, text, hist in (
             ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", s.ttft),
             ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", s.e2e),
@@ -108,8 +108,8 @@ class InfoRoutes(EngineBase):
             cumulative = 0
             for bound, count in zip((*hist.buckets, math.inf), hist.counts, strict=True):
                 cumulative += count
-                le = "+Inf" if bound == math.inf else _num(bound)
-                out.append(f'{name}_bucket{{engine="0",le="{le}",model_name="{model}"}} {_num(cumulative)}\n')
+                le = "+Inf" if bound == math.inf else prom_num(bound)
+                out.append(f'{name}_bucket{{engine="0",le="{le}",model_name="{model}"}} {prom_num(cumulative)}\n')
             sample(f"{name}_count", hist.count)
             sample(f"{name}_sum", hist.total)
         return "".join(out)
@@ -117,34 +117,34 @@ class InfoRoutes(EngineBase):
     # -- tokenizer -----------------------------------------------------------------------------------
 
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         self._admit_tokenizer(scope, req)
         if "messages" in req:
             messages = req["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise _bad("`messages` must be a list of objects.", "messages")
+                raise bad_request("`messages` must be a list of objects.", "messages")
             text = render_chat(messages, add_generation_prompt=req.get("add_generation_prompt", True) is not False)
         else:
             prompt = req.get("prompt")
             if not isinstance(prompt, str):
-                raise _bad("`prompt` must be a string.", "prompt")
+                raise bad_request("`prompt` must be a string.", "prompt")
             text = prompt
         ids = encode(text)
         strs = [token_text(i) for i in ids] if req.get("return_token_strs") else None
         body = {"count": len(ids), "max_model_len": self.args.max_model_len, "tokens": ids, "token_strs": strs}
-        await _respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
 
     async def _detokenize(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         self._admit_tokenizer(scope, req)
         tokens = req.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise _bad("`tokens` must be a list of integers.", "tokens")
+            raise bad_request("`tokens` must be a list of integers.", "tokens")
         try:
             text = decode(tokens)
         except ValueError as exc:
-            raise _bad(str(exc), "tokens") from exc
-        await _respond(send, 200, orjson.dumps({"prompt": text}))
+            raise bad_request(str(exc), "tokens") from exc
+        await respond(send, 200, orjson.dumps({"prompt": text}))
 
     def _admit_tokenizer(self, scope: Scope, req: JSON) -> None:
         name = req.get("model")

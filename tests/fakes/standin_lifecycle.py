@@ -13,7 +13,17 @@ from urllib.parse import parse_qs
 import orjson
 
 from tests.fakes import simcard
-from tests.fakes.standin_asgi import ApiError, Receive, Scope, Send, _bad, _log, _query, _read_json, _respond
+from tests.fakes.standin_asgi import (
+    ApiError,
+    Receive,
+    Scope,
+    Send,
+    bad_request,
+    query_param,
+    read_json,
+    respond,
+    vllm_log,
+)
 from tests.fakes.standin_base import EngineBase
 from tests.fakes.standin_config import LoraModule, ServeArgs
 
@@ -24,21 +34,21 @@ class LifecycleRoutes(EngineBase):
     # -- sleep mode --------------------------------------------------------------------------------
 
     async def _sleep(self, scope: Scope, receive: Receive, send: Send) -> None:
-        level_text = _query(scope, "level") or "1"
+        level_text = query_param(scope, "level") or "1"
         if level_text not in ("1", "2"):
-            raise _bad(f"Sleep level must be 1 or 2, got {level_text!r}.", "level")
+            raise bad_request(f"Sleep level must be 1 or 2, got {level_text!r}.", "level")
         if not self.args.enable_sleep_mode:
-            _log("WARNING", "gpu_worker.py:118",
-                 "Sleep mode was not enabled (--enable-sleep-mode): sleeping frees no memory.")
+            vllm_log("WARNING", "gpu_worker.py:118",
+                     "Sleep mode was not enabled (--enable-sleep-mode): sleeping frees no memory.")
         self.sleep_level = int(level_text)
         self.awake.clear()
         self.sleeping_tags = set(simcard.SLEEP_TAGS)
         if self.sim is not None and self.args.enable_sleep_mode:
             freed, used = self.sim.sleep(self.sleep_level, adapters=sorted(self.loras))
-            _log("INFO", "gpu_worker.py:330", f"Sleep mode freed {simcard.format_gib(freed)} GiB memory, "
-                 f"{simcard.format_gib(used)} GiB memory is still in use.")
-        _log("INFO", "gpu_worker.py:124", f"Sleep level {level_text}: it took 0.000001 seconds to fall asleep.")
-        await _respond(send, 200, orjson.dumps({"status": "sleeping", "level": self.sleep_level}))
+            vllm_log("INFO", "gpu_worker.py:330", f"Sleep mode freed {simcard.format_gib(freed)} GiB memory, "
+                     f"{simcard.format_gib(used)} GiB memory is still in use.")
+        vllm_log("INFO", "gpu_worker.py:124", f"Sleep level {level_text}: it took 0.000001 seconds to fall asleep.")
+        await respond(send, 200, orjson.dumps({"status": "sleeping", "level": self.sleep_level}))
 
     async def _wake_up(self, scope: Scope, receive: Receive, send: Send) -> None:
         tags = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("tags") or None
@@ -46,24 +56,24 @@ class LifecycleRoutes(EngineBase):
             if self.knobs.wake_delay > 0:
                 await asyncio.sleep(self.knobs.wake_delay)
             if self.knobs.fail_wake is not None:
-                _log("ERROR", "gpu_worker.py:140", self.knobs.fail_wake, sys.stderr)
+                vllm_log("ERROR", "gpu_worker.py:140", self.knobs.fail_wake, sys.stderr)
                 raise ApiError(500, self.knobs.fail_wake, "InternalServerError")
             if self.sim is not None and self.args.enable_sleep_mode:
                 try:
                     self.sim.wake(tags)
                 except simcard.CudaOutOfMemory as exc:
-                    _log("ERROR", "cumem.py:300", str(exc), sys.stderr)
+                    vllm_log("ERROR", "cumem.py:300", str(exc), sys.stderr)
                     raise ApiError(500, str(exc), "InternalServerError") from exc
             self.sleeping_tags -= set(tags) if tags else self.sleeping_tags
             if not self.sleeping_tags:  # vllm/v1/engine/core.py EngineCore.wake_up: only when fully awake
                 self.sleep_level = 0
                 self.awake.set()
-            _log("INFO", "gpu_worker.py:150", f"Woke up tags {tags} in {self.knobs.wake_delay:.3f} seconds.")
+            vllm_log("INFO", "gpu_worker.py:150", f"Woke up tags {tags} in {self.knobs.wake_delay:.3f} seconds.")
         fully = self.awake.is_set()
-        await _respond(send, 200, orjson.dumps({"status": "awake" if fully else "sleeping", "tags": tags}))
+        await respond(send, 200, orjson.dumps({"status": "awake" if fully else "sleeping", "tags": tags}))
 
     async def _collective_rpc(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         method = req.get("method")
         if method is None:
             raise ApiError(400, "Missing 'method' in request body", "BadRequestError")
@@ -74,50 +84,50 @@ class LifecycleRoutes(EngineBase):
                 self.sim.reload_weights()
             except RuntimeError as exc:
                 raise ApiError(500, str(exc), "InternalServerError") from exc
-        _log("INFO", "gpu_model_runner.py:2700", "Reloading weights inplace...")
-        await _respond(send, 200, orjson.dumps({"results": [None]}))
+        vllm_log("INFO", "gpu_model_runner.py:2700", "Reloading weights inplace...")
+        await respond(send, 200, orjson.dumps({"results": [None]}))
 
     async def _reset_prefix_cache(self, scope: Scope, receive: Receive, send: Send) -> None:
-        _log("INFO", "api_router.py:39", "Resetting prefix cache...")
-        await _respond(send, 200, orjson.dumps({"success": True}))
+        vllm_log("INFO", "api_router.py:39", "Resetting prefix cache...")
+        await respond(send, 200, orjson.dumps({"success": True}))
 
     async def _is_sleeping(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _respond(send, 200, orjson.dumps({"is_sleeping": not self.awake.is_set()}))
+        await respond(send, 200, orjson.dumps({"is_sleeping": not self.awake.is_set()}))
 
     # -- runtime LoRA ------------------------------------------------------------------------------
 
     async def _load_lora(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         name, path = req.get("lora_name"), req.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
             raise ApiError(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
         if name in self.loras and not req.get("load_inplace"):
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to load the "
                            "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
-        error = _check_lora(self.args, LoraModule(name, path))
+        error = check_lora(self.args, LoraModule(name, path))
         if error is not None:
             raise error
         self.loras[name] = LoraModule(name, path, None)
         if self.sim is not None:
             self.sim.adapter_reloaded(name)
-        _log("INFO", "serving_models.py:200", f"Loaded new LoRA adapter: name '{name}', path '{path}'")
+        vllm_log("INFO", "serving_models.py:200", f"Loaded new LoRA adapter: name '{name}', path '{path}'")
         body = f"Success: LoRA adapter '{name}' added successfully.".encode()
-        await _respond(send, 200, body, b"text/plain; charset=utf-8")
+        await respond(send, 200, body, b"text/plain; charset=utf-8")
 
     async def _unload_lora(self, scope: Scope, receive: Receive, send: Send) -> None:
-        req = await _read_json(receive)
+        req = await read_json(receive)
         name = req.get("lora_name")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", "InvalidUserInput")
         if name not in self.loras:
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
         del self.loras[name]
-        _log("INFO", "serving_models.py:230", f"Removed LoRA adapter: name '{name}'")
+        vllm_log("INFO", "serving_models.py:230", f"Removed LoRA adapter: name '{name}'")
         body = f"Success: LoRA adapter '{name}' removed successfully.".encode()
-        await _respond(send, 200, body, b"text/plain; charset=utf-8")
+        await respond(send, 200, body, b"text/plain; charset=utf-8")
 
 
-def _check_lora(args: ServeArgs, module: LoraModule) -> ApiError | None:
+def check_lora(args: ServeArgs, module: LoraModule) -> ApiError | None:
     """The error vLLM gives when this adapter cannot be loaded, else None."""
     if not args.enable_lora:
         return ApiError(500, "LoRA is not enabled. Use --enable-lora to enable LoRA.", "InternalServerError")

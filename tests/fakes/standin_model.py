@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from tests.fakes.standin_asgi import _bad
+from tests.fakes.standin_asgi import bad_request
 
 VLLM_VERSION: Final = "0.32.0"
 DEFAULT_MAX_MODEL_LEN: Final = 8192
@@ -61,11 +61,11 @@ def decode(token_ids: Sequence[int]) -> str:
 
 def render_chat(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
     """The prompt text a chat request is tokenized as."""
-    text = "".join(f"<|{m.get('role', 'user')}|>\n{_message_text(m.get('content'))}\n" for m in messages)
+    text = "".join(f"<|{m.get('role', 'user')}|>\n{message_text(m.get('content'))}\n" for m in messages)
     return text + "<|assistant|>\n" if add_generation_prompt else text
 
 
-def _message_text(content: object) -> str:
+def message_text(content: object) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -78,9 +78,9 @@ def _message_text(content: object) -> str:
             elif isinstance(part, dict) and isinstance(part.get("type"), str):
                 parts.append(f"<{part['type']}>")
             else:
-                raise _bad("Each content part must be an object with a `type`.", "messages")
+                raise bad_request("Each content part must be an object with a `type`.", "messages")
         return "\n".join(parts)
-    raise _bad("Message `content` must be a string or a list of parts.", "messages")
+    raise bad_request("Message `content` must be a string or a list of parts.", "messages")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,11 +90,11 @@ def _message_text(content: object) -> str:
 WORDS: Final[tuple[str, ...]] = tuple(
     f" {a}{b}{c}" for a in "bdfghjklmnprstvz" for b in "aeiou" for c in "bdfghjklmnprstvz"
 )
-_WORD_JSON: Final = tuple(orjson.dumps(word) for word in WORDS)
-_GOLDEN: Final = 0x9E3779B1
+WORD_JSON: Final = tuple(orjson.dumps(word) for word in WORDS)
+GOLDEN: Final = 0x9E3779B1
 
 
-def _mix32(value: int) -> int:
+def mix32(value: int) -> int:
     value &= 0xFFFFFFFF
     value ^= value >> 16
     value = (value * 0x85EBCA6B) & 0xFFFFFFFF
@@ -110,7 +110,7 @@ def sequence_seed(model: str, prompt: str, index: int) -> int:
 
 def generate_words(seed: int, count: int) -> list[int]:
     """Indices into :data:`WORDS` of the first ``count`` output tokens of a sequence."""
-    return [_mix32(seed + k * _GOLDEN) % len(WORDS) for k in range(count)]
+    return [mix32(seed + k * GOLDEN) % len(WORDS) for k in range(count)]
 
 
 def expected_text(model: str, prompt: str, max_tokens: int, index: int = 0) -> str:
@@ -119,11 +119,11 @@ def expected_text(model: str, prompt: str, max_tokens: int, index: int = 0) -> s
     return "".join(WORDS[w] for w in generate_words(sequence_seed(model, prompt, index), max_tokens))
 
 
-def _logprob(seed: int, position: int) -> float:
-    return -round((_mix32(seed ^ (position * 0x27D4EB2F) ^ 0x5BD1E995) % 2000) / 1000 + 0.001, 4)
+def fake_logprob(seed: int, position: int) -> float:
+    return -round((mix32(seed ^ (position * 0x27D4EB2F) ^ 0x5BD1E995) % 2000) / 1000 + 0.001, 4)
 
 
-def _top_logprobs(token: str, logprob: float, salt: int, count: int) -> dict[str, float]:
+def fake_top_logprobs(token: str, logprob: float, salt: int, count: int) -> dict[str, float]:
     top = {token: logprob}
     for j in range(1, count + 1):
         alternative = WORDS[(salt + j * 97) % len(WORDS)]

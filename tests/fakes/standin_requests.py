@@ -12,33 +12,33 @@ from typing import TYPE_CHECKING, Final
 import orjson
 
 from tests.fakes.standin_asgi import JSON, Message, Receive
-from tests.fakes.standin_faults import _crash
+from tests.fakes.standin_faults import crash_engine_core
 
 if TYPE_CHECKING:
     from tests.fakes.standin_base import EngineBase
 
 
 @dataclass
-class _Prompt:
+class Prompt:
     text: str
     ids: list[int]
 
 
 @dataclass
-class _Seq:
+class Seq:
     index: int
-    prompt: _Prompt
+    prompt: Prompt
     seed: int
     words: list[int]
 
 
 @dataclass
-class _Job:
+class Job:
     request_id: str
     created: int
     model: str
-    prompts: list[_Prompt]
-    seqs: list[_Seq]
+    prompts: list[Prompt]
+    seqs: list[Seq]
     max_tokens: int
     finish_reason: str
     include_usage: bool = False
@@ -66,15 +66,15 @@ class _Job:
 
     def usage(self) -> JSON:
         """Usage of the whole request (each prompt counted once, every choice's tokens)."""
-        return _usage(self.prompt_tokens, self.completion_tokens)
+        return usage_json(self.prompt_tokens, self.completion_tokens)
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> JSON:
+def usage_json(prompt_tokens: int, completion_tokens: int) -> JSON:
     return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens": completion_tokens}
 
 
-class _Run:
+class RequestRun:
     """Pacing, sleep, disconnect and accounting of one inference request."""
 
     def __init__(self, engine: EngineBase, receive: Receive, kv_tokens: int) -> None:
@@ -139,7 +139,7 @@ class _Run:
         """Die as configured when a request that has ``produced`` tokens needs another."""
         limit = self.engine.knobs.crash_after_tokens
         if limit is not None and produced >= limit:
-            _crash(f"stand-in: crashing after {produced} tokens (STANDIN_CRASH_AFTER_TOKENS={limit})")
+            crash_engine_core(f"stand-in: crashing after {produced} tokens (STANDIN_CRASH_AFTER_TOKENS={limit})")
 
     def close(self, *, completed: bool, tokens: int, finish_reason: str | None) -> None:
         stats = self.engine.stats
@@ -160,12 +160,11 @@ class _Run:
             stats.cancelled += 1
 
 
-
-def _template(chunk: JSON, sentinel: str) -> tuple[bytes, bytes]:
+def chunk_template(chunk: JSON, sentinel: str) -> tuple[bytes, bytes]:
     """Split an SSE chunk around the JSON string ``sentinel`` to splice pre-encoded text in."""
     head, found, tail = (b"data: " + orjson.dumps(chunk) + b"\n\n").partition(orjson.dumps(sentinel))
     assert found, sentinel
     return head, tail
 
 
-_TEXT: Final = "\x01standin-text\x01"
+TEXT_SENTINEL: Final = "\x01standin-text\x01"

@@ -20,28 +20,28 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from tests.fakes.standin_asgi import (
-    _SSE_START,
+    SSE_START,
     ApiError,
-    _bad,
-    _chunk,
-    _ClientGone,
-    _header,
-    _int_field,
-    _random_id,
-    _read_body,
-    _read_json,
-    _respond,
+    ClientGone,
+    bad_request,
+    int_field,
+    random_id,
+    read_body,
+    read_json,
+    request_header,
+    respond,
+    send_chunk,
 )
 from tests.fakes.standin_model import (
     DEFAULT_MAX_TOKENS,
     WORDS,
-    _message_text,
     encode,
     generate_words,
+    message_text,
     render_chat,
     sequence_seed,
 )
-from tests.fakes.standin_requests import _Run
+from tests.fakes.standin_requests import RequestRun
 
 if TYPE_CHECKING:
     from tests.fakes.standin_asgi import JSON, Handler, Receive, Scope, Send
@@ -52,7 +52,7 @@ def _score(*parts: str) -> float:
     return round((zlib.crc32("\0".join(parts).encode()) % 1000) / 1000, 3)
 
 
-def _usage(prompt: int, completion: int = 0) -> JSON:
+def usage_json(prompt: int, completion: int = 0) -> JSON:
     return {
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
@@ -66,7 +66,7 @@ def _text(req: JSON, key: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "".join(_message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in value)
+        return "".join(message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in value)
     return ""
 
 
@@ -76,11 +76,11 @@ def _not_found(response_id: str) -> ApiError:
 
 
 async def _generate(engine: StandInEngine, receive: Receive, seed: str, prompt: str, tokens: int) -> list[str]:
-    run = _Run(engine, receive, len(encode(prompt)) + tokens)
+    run = RequestRun(engine, receive, len(encode(prompt)) + tokens)
     done = False
     try:
         if not await run.prefill():
-            raise _ClientGone
+            raise ClientGone
         words = generate_words(sequence_seed(seed, prompt, 0), tokens)
         done = True
         return [WORDS[w] for w in words]
@@ -89,12 +89,12 @@ async def _generate(engine: StandInEngine, receive: Receive, seed: str, prompt: 
 
 
 async def responses(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await _read_json(receive)
+    req = await read_json(receive)
     model, seed = engine._admit(scope, req)
     prompt = _text(req, "input")
-    tokens = _int_field(req, "max_output_tokens", DEFAULT_MAX_TOKENS) or 0
+    tokens = int_field(req, "max_output_tokens", DEFAULT_MAX_TOKENS) or 0
     words = await _generate(engine, receive, seed, prompt, tokens)
-    rid, mid = f"resp_{_random_id()[:16]}", f"msg_{_random_id()[:16]}"
+    rid, mid = f"resp_{random_id()[:16]}", f"msg_{random_id()[:16]}"
     text = "".join(words)
     prompt_tokens = len(encode(prompt))
 
@@ -130,9 +130,9 @@ async def responses(engine: StandInEngine, scope: Scope, receive: Receive, send:
     final = body("completed", [message], usage)
     engine.stored_responses[rid] = final
     if not req.get("stream"):
-        await _respond(send, 200, orjson.dumps(final))
+        await respond(send, 200, orjson.dumps(final))
         return
-    await send(_SSE_START)
+    await send(SSE_START)
     events: list[tuple[str, JSON]] = [("response.created", {"response": body("in_progress", [], None)})]
     events += [
         (
@@ -144,12 +144,12 @@ async def responses(engine: StandInEngine, scope: Scope, receive: Receive, send:
     events.append(("response.completed", {"response": final}))
     for n, (kind, data) in enumerate(events):
         payload = orjson.dumps({**data, "sequence_number": n, "type": kind})
-        await _chunk(send, f"event: {kind}\ndata: ".encode() + payload + b"\n\n")
+        await send_chunk(send, f"event: {kind}\ndata: ".encode() + payload + b"\n\n")
     await send({"type": "http.response.body", "body": b""})
 
 
 async def response_by_id(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    await _read_body(receive)
+    await read_body(receive)
     path = scope["path"].removeprefix("/v1/responses/")
     rid, _, action = path.partition("/")
     stored = engine.stored_responses.get(rid)
@@ -157,21 +157,21 @@ async def response_by_id(engine: StandInEngine, scope: Scope, receive: Receive, 
         raise _not_found(rid)
     if action == "cancel":  # only background responses can be cancelled (serving.py, cancel_responses)
         raise ApiError(400, "Cannot cancel a synchronous response.", "invalid_request_error", "response_id")
-    await _respond(send, 200, orjson.dumps(stored))
+    await respond(send, 200, orjson.dumps(stored))
 
 
 async def messages(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await _read_json(receive)
+    req = await read_json(receive)
     model, seed = engine._admit(scope, req)
     prompt = _text(req, "messages")
     prompt_tokens = len(encode(prompt))
     if scope["path"].endswith("/count_tokens"):
         body = {"input_tokens": prompt_tokens, "context_management": {"original_input_tokens": prompt_tokens}}
-        await _respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
         return
-    tokens = _int_field(req, "max_tokens", DEFAULT_MAX_TOKENS) or 0
+    tokens = int_field(req, "max_tokens", DEFAULT_MAX_TOKENS) or 0
     words = await _generate(engine, receive, seed, prompt, tokens)
-    mid = f"chatcmpl-{_random_id()[:16]}"
+    mid = f"chatcmpl-{random_id()[:16]}"
     if not req.get("stream"):
         content = [{"type": "text", "text": "".join(words)}]
         body = {
@@ -183,9 +183,9 @@ async def messages(engine: StandInEngine, scope: Scope, receive: Receive, send: 
             "stop_reason": "max_tokens",
             "usage": {"input_tokens": prompt_tokens, "output_tokens": tokens},
         }
-        await _respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
         return
-    await send(_SSE_START)
+    await send(SSE_START)
     start: JSON = {
         "id": mid,
         "type": "message",
@@ -211,7 +211,7 @@ async def messages(engine: StandInEngine, scope: Scope, receive: Receive, send: 
         {"type": "message_stop"},
     ]
     for event in events:
-        await _chunk(send, f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
+        await send_chunk(send, f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -225,16 +225,16 @@ async def tokenizer_info(engine: StandInEngine, scope: Scope, receive: Receive, 
         "pad_token": "<pad>",
         "unk_token": "<unk>",
     }
-    await _respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 async def batch_chat(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await _read_json(receive)
+    req = await read_json(receive)
     model, seed = engine._admit(scope, req)
     conversations = req.get("messages")
     if not isinstance(conversations, list) or not all(isinstance(c, list) for c in conversations):
-        raise _bad("`messages` must be a list of conversations.", "messages")
-    tokens = _int_field(req, "max_tokens", DEFAULT_MAX_TOKENS) or 0
+        raise bad_request("`messages` must be a list of conversations.", "messages")
+    tokens = int_field(req, "max_tokens", DEFAULT_MAX_TOKENS) or 0
     choices, prompt_tokens = [], 0
     for index, conversation in enumerate(conversations):
         prompt = render_chat(conversation)
@@ -260,19 +260,19 @@ async def batch_chat(engine: StandInEngine, scope: Scope, receive: Receive, send
             }
         )
     body = {
-        "id": f"chatcmpl-{_random_id()[:16]}",
+        "id": f"chatcmpl-{random_id()[:16]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": _usage(prompt_tokens, tokens * len(conversations)),
+        "usage": usage_json(prompt_tokens, tokens * len(conversations)),
     }
-    await _respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
     """``/score``, ``/v1/score``, ``/generative_scoring``, the reranks, ``/pooling`` and ``/classify``."""
-    req = await _read_json(receive)
+    req = await read_json(receive)
     model, _ = engine._admit(scope, req)
     path, now = scope["path"], int(time.time())
     if "rerank" in path:
@@ -281,7 +281,7 @@ async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Se
         results = [{"index": i, "document": {"text": d}, "relevance_score": _score(model, query, d)} for i, d in ranked]
         tokens = sum(len(encode(query + d)) for d in docs)
         body: JSON = {
-            "id": f"rerank-{_random_id()[:16]}",
+            "id": f"rerank-{random_id()[:16]}",
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "results": results,
@@ -294,12 +294,12 @@ async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Se
         tokens = sum(len(encode(first + s)) for s in seconds)
         prefix = "generative-scoring" if path == "/generative_scoring" else "score"
         body = {
-            "id": f"{prefix}-{_random_id()[:16]}",
+            "id": f"{prefix}-{random_id()[:16]}",
             "object": "list",
             "created": now,
             "model": model,
             "data": data,
-            "usage": _usage(tokens),
+            "usage": usage_json(tokens),
         }
     else:
         inputs = req.get("input")
@@ -317,39 +317,39 @@ async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Se
         tokens = sum(len(encode(t)) for t in texts)
         kind = "classify" if path == "/classify" else "pool"
         body = {
-            "id": f"{kind}-{_random_id()[:16]}",
+            "id": f"{kind}-{random_id()[:16]}",
             "object": "list",
             "created": now,
             "model": model,
             "data": data,
-            "usage": _usage(tokens),
+            "usage": usage_json(tokens),
         }
-    await _respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 _FORM_FIELD = re.compile(rb'name="([^"]+)"(?:; filename="[^"]*")?\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--', re.S)
 
 
 async def audio(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    raw = await _read_body(receive)
-    content_type = _header(scope, b"content-type") or ""
+    raw = await read_body(receive)
+    content_type = request_header(scope, b"content-type") or ""
     if not content_type.startswith("multipart/form-data"):
-        raise _bad("Expected a multipart/form-data body.")
+        raise bad_request("Expected a multipart/form-data body.")
     fields = {m.group(1).decode(): m.group(2) for m in _FORM_FIELD.finditer(raw)}
     if "file" not in fields:
-        raise _bad("Field required: file", "file")
+        raise bad_request("Field required: file", "file")
     req: JSON = {"model": fields["model"].decode() if "model" in fields else None}
     _, seed = engine._admit(scope, req)
     seconds = max(1, len(fields["file"]) // 16000)
     text = "".join(await _generate(engine, receive, seed, str(zlib.crc32(fields["file"])), 4))
     body = {"text": text, "usage": {"type": "duration", "seconds": seconds}}
-    await _respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 async def echo(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await _read_json(receive)
+    req = await read_json(receive)
     model, _ = engine._admit(scope, req)
-    await _respond(send, 200, orjson.dumps({"model": model, "path": scope["path"]}))
+    await respond(send, 200, orjson.dumps({"model": model, "path": scope["path"]}))
 
 
 def routes(engine: StandInEngine) -> dict[str, dict[str, Handler]]:
