@@ -1,22 +1,28 @@
-"""Test support: registries for the stand-in engine, and a real gateway on a real socket in a thread."""
+"""Test support: registries for the stand-in engine, a real gateway on a real socket in a thread,
+``onecard serve`` as a subprocess, a scripted GPU probe, and polling helpers."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+import httpx
+import psutil
 import uvicorn
 import yaml
 from fastapi import FastAPI
 
+from engines.gpu import GpuReading
 from gateway.app import create_app
 from gateway.context import Gateway
 from gateway.settings import Settings
@@ -152,3 +158,117 @@ def until(cond: Callable[[], bool], timeout: float = 10.0, poll_s: float = 0.1) 
             return True
         time.sleep(poll_s)
     return cond()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 50 ms; fail the test if it does not hold within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie that nobody reaped counts as gone: it holds no memory and serves nothing)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class GatewayProcess:
+    """``onecard serve`` as a subprocess (so it can be signalled or killed with -9), its output in a file.
+
+    :meth:`stop` ends it gracefully (SIGTERM, then SIGKILL after 60 s); :meth:`close` kills it and every
+    descendant it was seen with (engines it leaves behind).
+    """
+
+    def __init__(self, registry: Path, run_dir: Path, port: int | None = None, *, log_level: str = "info",
+                 env: dict[str, str] | None = None, args: Sequence[str] = ()) -> None:
+        self.registry = registry
+        self.run_dir = run_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = run_dir.parent / f"gateway-{self.port}.log"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.argv = [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port",
+                     str(self.port), "--run-dir", str(run_dir), "--log-level", log_level, *args]
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen: set[int] = set()  # every descendant pid we have observed, for clean-up
+
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start it and wait until ``/health`` answers 200; fails with its log if it exits or stays silent."""
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not answer /health:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def descendants(self) -> set[int]:
+        try:
+            found = {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            found = set()
+        self.seen |= found
+        return found
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.descendants()
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """SIGTERM and wait for the gateway's own shutdown; SIGKILL if it takes over 60 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def close(self) -> None:
+        """SIGKILL the gateway and every descendant seen, at once (test clean-up)."""
+        self.descendants()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in self.seen:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+class FakeProbe:
+    """A GPU probe that answers ``readings`` (a fixed list, or a function of nothing) and counts its reads."""
+
+    def __init__(self, readings: list[GpuReading] | Callable[[], list[GpuReading]]) -> None:
+        self.readings = readings
+        self.reads = 0
+
+    def read(self) -> list[GpuReading]:
+        self.reads += 1
+        return self.readings() if callable(self.readings) else self.readings

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -27,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from engines.gpu import GpuReading
 from gateway.metrics import Metrics
 from tests.gateway.test_metrics import VLLM_METRICS_SAMPLE
+from tests.support import ROOT, FakeProbe, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "onecard-dashboard.json"
@@ -50,14 +49,9 @@ GPU = GpuReading(
 )
 
 
-class FakeProbe:
-    def read(self) -> list[GpuReading]:
-        return [GPU]
-
-
 def full_metrics() -> Metrics:
     """A Metrics with every kind of series present: all methods driven, a GPU, one engine's vllm:*."""
-    m = Metrics(version="test", gpu_probe=FakeProbe(), pid_to_model={101: "llama-8b"}.get)
+    m = Metrics(version="test", gpu_probe=FakeProbe([GPU]), pid_to_model={101: "llama-8b"}.get)
     m.observe_request("llama-8b", 200, 0.5)
     m.observe_error("llama-8b", "engine_failed")
     m.observe_tokens("llama-8b", 100, 50, ttft_s=0.1, decode_s=0.7)
@@ -300,13 +294,6 @@ def test_promtool_lints_the_onecard_series() -> None:
 
 
 # -- a real Prometheus scraping a rendered Metrics ----------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -28,13 +28,20 @@ async def test_a_waiter_past_its_bound_is_refused_and_its_future_left_alone() ->
 
 
 async def test_a_waiter_whose_model_is_starting_waits_on_past_its_bound() -> None:
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     now = [100.0]
-    loop.call_later(0.05, future.set_result, None)
-    await await_admission(future, since=0.0, bound_s=2.0, becoming_resident=lambda: True,
-                          expired=lambda waited: CapacityError("expired"), clock=lambda: now[0], recheck_s=0.01)
-    assert future.done()
+    looks: list[float] = []
+
+    def starting() -> bool:
+        looks.append(now[0])
+        now[0] += 1.0  # a recheck later
+        if len(looks) == 3:
+            future.set_result(None)  # the engine is ready and the owner admits the request
+        return True
+
+    await await_admission(future, since=0.0, bound_s=2.0, becoming_resident=starting,
+                          expired=lambda waited: CapacityError("expired"), clock=lambda: now[0], recheck_s=0.0)
+    assert future.done() and looks == [100.0, 101.0, 102.0]  # looked again past its bound, never refused
 
 
 async def test_an_admitted_or_failed_waiter_returns_or_raises_at_once() -> None:

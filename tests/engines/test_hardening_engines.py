@@ -22,8 +22,18 @@ import psutil
 import pytest
 
 from tests.fakes.standin_engine import expected_text
-from tests.gateway.test_faults import GatewayProcess, gone, wait_for
-from tests.support import ROOT, alive, free_port, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import (
+    ROOT,
+    GatewayProcess,
+    alive,
+    free_port,
+    gone,
+    running_gateway,
+    standin_executable,
+    standin_model,
+    wait_for,
+    write_registry,
+)
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -13,19 +13,17 @@ from engines.gpu import GpuReading
 from engines.manager import EngineManager
 from engines.registry import load_registry
 from engines.state import EngineState
-from tests.support import standin_executable, standin_model, write_registry
+from tests.support import FakeProbe, standin_executable, standin_model, write_registry
 
 
-class FakeProbe:
+def every_engine_holds(ref: list[EngineManager], per_engine: int) -> FakeProbe:
     """A GPU on which every engine process holds ``per_engine`` bytes."""
 
-    def __init__(self, manager_ref: list[EngineManager], per_engine: int) -> None:
-        self.ref = manager_ref
-        self.per_engine = per_engine
+    def read() -> list[GpuReading]:
+        pids = [e.pid for e in ref[0].engines.values() if e.pid is not None]
+        return [GpuReading(index=0, name="fake", process_memory_bytes=dict.fromkeys(pids, per_engine))]
 
-    def read(self) -> list[GpuReading]:
-        pids = [e.pid for e in self.ref[0].engines.values() if e.pid is not None]
-        return [GpuReading(index=0, name="fake", process_memory_bytes=dict.fromkeys(pids, self.per_engine))]
+    return FakeProbe(read)
 
 
 @pytest.fixture
@@ -45,7 +43,7 @@ async def test_measured_footprint_replaces_the_estimate(tmp_path: Path, client: 
     )
     ref: list[EngineManager] = []
     manager = EngineManager(
-        reg, client=client, run_dir=tmp_path / "run", gpu_probe=FakeProbe(ref, per_engine=2 * 1024**3)
+        reg, client=client, run_dir=tmp_path / "run", gpu_probe=every_engine_holds(ref, per_engine=2 * 1024**3)
     )
     ref.append(manager)
     await manager.start()
@@ -138,7 +136,7 @@ async def test_on_a_gpu_eviction_sleeps_and_the_swap_back_is_a_wake(tmp_path: Pa
         stats = (await client.get(f"{a.base_url}/standin/stats")).json()
         assert stats["sleeping"] and stats["sleep_level"] == 2  # the engine itself was put to sleep
         await manager.load("a")
-        assert a.state is EngineState.READY and b.state is EngineState.SLEEPING
+        assert (a.sm.state, b.sm.state) == (EngineState.READY, EngineState.SLEEPING)  # read after the await
         assert [s.kind for s in manager.swaps] == ["co_load", "cold", "wake"]
         assert len(a.wake_seconds) == 1 and len(a.start_seconds) == 1  # woken, not restarted
         assert "--enable-sleep-mode" in (a.process.argv if a.process else [])

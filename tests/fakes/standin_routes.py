@@ -6,7 +6,7 @@ Responses (``vllm/entrypoints/openai/responses/``; every response is stored, as 
 rerank (``vllm/entrypoints/pooling/scoring/``), pooling, classify, and audio transcription and translation
 (multipart, ``vllm/entrypoints/speech_to_text/``). ``/v2/embed``, ``/cohere/v2/chat`` and
 ``/v1/systemone`` answer a small JSON naming the model and path. Shapes were read from the CPU build's
-answers; values come from :mod:`tests.fakes.standin_engine`'s fake model.
+answers; values come from the stand-in's fake model (:mod:`tests.fakes.standin_model`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,40 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from tests.fakes import standin_engine as se
+from tests.fakes.standin_asgi import (
+    SSE_START,
+    ApiError,
+    ClientGone,
+    bad_request,
+    int_field,
+    random_id,
+    read_body,
+    read_json,
+    request_header,
+    respond,
+    send_chunk,
+)
+from tests.fakes.standin_model import (
+    DEFAULT_MAX_TOKENS,
+    WORDS,
+    encode,
+    generate_words,
+    message_text,
+    render_chat,
+    sequence_seed,
+)
+from tests.fakes.standin_requests import RequestRun
 
 if TYPE_CHECKING:
-    from tests.fakes.standin_engine import JSON, Handler, Receive, Scope, Send, StandInEngine
+    from tests.fakes.standin_asgi import JSON, Handler, Receive, Scope, Send
+    from tests.fakes.standin_engine import StandInEngine
 
 
 def _score(*parts: str) -> float:
     return round((zlib.crc32("\0".join(parts).encode()) % 1000) / 1000, 3)
 
 
-def _usage(prompt: int, completion: int = 0) -> JSON:
+def usage_json(prompt: int, completion: int = 0) -> JSON:
     return {
         "prompt_tokens": prompt,
         "total_tokens": prompt + completion,
@@ -43,37 +66,37 @@ def _text(req: JSON, key: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "".join(se._message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in value)
+        return "".join(message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in value)
     return ""
 
 
-def _not_found(response_id: str) -> se.ApiError:
+def _not_found(response_id: str) -> ApiError:
     # vllm/entrypoints/openai/responses/serving.py, _make_not_found_error
-    return se.ApiError(404, f"Response with id '{response_id}' not found.", "invalid_request_error", "response_id")
+    return ApiError(404, f"Response with id '{response_id}' not found.", "invalid_request_error", "response_id")
 
 
 async def _generate(engine: StandInEngine, receive: Receive, seed: str, prompt: str, tokens: int) -> list[str]:
-    run = se._Run(engine, receive, len(se.encode(prompt)) + tokens)
+    run = RequestRun(engine, receive, len(encode(prompt)) + tokens)
     done = False
     try:
         if not await run.prefill():
-            raise se._ClientGone
-        words = se.generate_words(se.sequence_seed(seed, prompt, 0), tokens)
+            raise ClientGone
+        words = generate_words(sequence_seed(seed, prompt, 0), tokens)
         done = True
-        return [se.WORDS[w] for w in words]
+        return [WORDS[w] for w in words]
     finally:
         run.close(completed=done, tokens=tokens if done else 0, finish_reason="length")
 
 
 async def responses(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await se._read_json(receive)
+    req = await read_json(receive)
     model, seed = engine._admit(scope, req)
     prompt = _text(req, "input")
-    tokens = se._int_field(req, "max_output_tokens", se.DEFAULT_MAX_TOKENS) or 0
+    tokens = int_field(req, "max_output_tokens", DEFAULT_MAX_TOKENS) or 0
     words = await _generate(engine, receive, seed, prompt, tokens)
-    rid, mid = f"resp_{se._random_id()[:16]}", f"msg_{se._random_id()[:16]}"
+    rid, mid = f"resp_{random_id()[:16]}", f"msg_{random_id()[:16]}"
     text = "".join(words)
-    prompt_tokens = len(se.encode(prompt))
+    prompt_tokens = len(encode(prompt))
 
     def body(status: str, output: list[JSON], usage: JSON | None) -> JSON:
         return {
@@ -107,9 +130,9 @@ async def responses(engine: StandInEngine, scope: Scope, receive: Receive, send:
     final = body("completed", [message], usage)
     engine.stored_responses[rid] = final
     if not req.get("stream"):
-        await se._respond(send, 200, orjson.dumps(final))
+        await respond(send, 200, orjson.dumps(final))
         return
-    await send(se._SSE_START)
+    await send(SSE_START)
     events: list[tuple[str, JSON]] = [("response.created", {"response": body("in_progress", [], None)})]
     events += [
         (
@@ -121,34 +144,34 @@ async def responses(engine: StandInEngine, scope: Scope, receive: Receive, send:
     events.append(("response.completed", {"response": final}))
     for n, (kind, data) in enumerate(events):
         payload = orjson.dumps({**data, "sequence_number": n, "type": kind})
-        await se._chunk(send, f"event: {kind}\ndata: ".encode() + payload + b"\n\n")
+        await send_chunk(send, f"event: {kind}\ndata: ".encode() + payload + b"\n\n")
     await send({"type": "http.response.body", "body": b""})
 
 
 async def response_by_id(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    await se._read_body(receive)
+    await read_body(receive)
     path = scope["path"].removeprefix("/v1/responses/")
     rid, _, action = path.partition("/")
     stored = engine.stored_responses.get(rid)
     if stored is None:
         raise _not_found(rid)
     if action == "cancel":  # only background responses can be cancelled (serving.py, cancel_responses)
-        raise se.ApiError(400, "Cannot cancel a synchronous response.", "invalid_request_error", "response_id")
-    await se._respond(send, 200, orjson.dumps(stored))
+        raise ApiError(400, "Cannot cancel a synchronous response.", "invalid_request_error", "response_id")
+    await respond(send, 200, orjson.dumps(stored))
 
 
 async def messages(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await se._read_json(receive)
+    req = await read_json(receive)
     model, seed = engine._admit(scope, req)
     prompt = _text(req, "messages")
-    prompt_tokens = len(se.encode(prompt))
+    prompt_tokens = len(encode(prompt))
     if scope["path"].endswith("/count_tokens"):
         body = {"input_tokens": prompt_tokens, "context_management": {"original_input_tokens": prompt_tokens}}
-        await se._respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
         return
-    tokens = se._int_field(req, "max_tokens", se.DEFAULT_MAX_TOKENS) or 0
+    tokens = int_field(req, "max_tokens", DEFAULT_MAX_TOKENS) or 0
     words = await _generate(engine, receive, seed, prompt, tokens)
-    mid = f"chatcmpl-{se._random_id()[:16]}"
+    mid = f"chatcmpl-{random_id()[:16]}"
     if not req.get("stream"):
         content = [{"type": "text", "text": "".join(words)}]
         body = {
@@ -160,10 +183,10 @@ async def messages(engine: StandInEngine, scope: Scope, receive: Receive, send: 
             "stop_reason": "max_tokens",
             "usage": {"input_tokens": prompt_tokens, "output_tokens": tokens},
         }
-        await se._respond(send, 200, orjson.dumps(body))
+        await respond(send, 200, orjson.dumps(body))
         return
-    await send(se._SSE_START)
-    start = {
+    await send(SSE_START)
+    start: JSON = {
         "id": mid,
         "type": "message",
         "role": "assistant",
@@ -188,7 +211,7 @@ async def messages(engine: StandInEngine, scope: Scope, receive: Receive, send: 
         {"type": "message_stop"},
     ]
     for event in events:
-        await se._chunk(send, f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
+        await send_chunk(send, f"event: {event['type']}\ndata: ".encode() + orjson.dumps(event) + b"\n\n")
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -202,20 +225,20 @@ async def tokenizer_info(engine: StandInEngine, scope: Scope, receive: Receive, 
         "pad_token": "<pad>",
         "unk_token": "<unk>",
     }
-    await se._respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 async def batch_chat(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await se._read_json(receive)
+    req = await read_json(receive)
     model, seed = engine._admit(scope, req)
     conversations = req.get("messages")
     if not isinstance(conversations, list) or not all(isinstance(c, list) for c in conversations):
-        raise se._bad("`messages` must be a list of conversations.", "messages")
-    tokens = se._int_field(req, "max_tokens", se.DEFAULT_MAX_TOKENS) or 0
+        raise bad_request("`messages` must be a list of conversations.", "messages")
+    tokens = int_field(req, "max_tokens", DEFAULT_MAX_TOKENS) or 0
     choices, prompt_tokens = [], 0
     for index, conversation in enumerate(conversations):
-        prompt = se.render_chat(conversation)
-        prompt_tokens += len(se.encode(prompt))
+        prompt = render_chat(conversation)
+        prompt_tokens += len(encode(prompt))
         text = "".join(await _generate(engine, receive, seed, prompt, tokens))
         message = {
             "role": "assistant",
@@ -237,33 +260,28 @@ async def batch_chat(engine: StandInEngine, scope: Scope, receive: Receive, send
             }
         )
     body = {
-        "id": f"chatcmpl-{se._random_id()[:16]}",
+        "id": f"chatcmpl-{random_id()[:16]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": _usage(prompt_tokens, tokens * len(conversations)),
+        "usage": usage_json(prompt_tokens, tokens * len(conversations)),
     }
-    await se._respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
     """``/score``, ``/v1/score``, ``/generative_scoring``, the reranks, ``/pooling`` and ``/classify``."""
-    req = await se._read_json(receive)
+    req = await read_json(receive)
     model, _ = engine._admit(scope, req)
     path, now = scope["path"], int(time.time())
     if "rerank" in path:
         query, docs = str(req.get("query", "")), [str(d) for d in req.get("documents") or []]
-        results = sorted(
-            (
-                {"index": i, "document": {"text": d}, "relevance_score": _score(model, query, d)}
-                for i, d in enumerate(docs)
-            ),
-            key=lambda r: -float(r["relevance_score"]),
-        )
-        tokens = sum(len(se.encode(query + d)) for d in docs)
+        ranked = sorted(enumerate(docs), key=lambda item: -_score(model, query, item[1]))
+        results = [{"index": i, "document": {"text": d}, "relevance_score": _score(model, query, d)} for i, d in ranked]
+        tokens = sum(len(encode(query + d)) for d in docs)
         body: JSON = {
-            "id": f"rerank-{se._random_id()[:16]}",
+            "id": f"rerank-{random_id()[:16]}",
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "results": results,
@@ -273,15 +291,15 @@ async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Se
         seconds = req.get("items", req.get("documents", req.get("text_2", [])))
         seconds = [str(s) for s in (seconds if isinstance(seconds, list) else [seconds])]
         data = [{"index": i, "object": "score", "score": _score(model, first, s)} for i, s in enumerate(seconds)]
-        tokens = sum(len(se.encode(first + s)) for s in seconds)
+        tokens = sum(len(encode(first + s)) for s in seconds)
         prefix = "generative-scoring" if path == "/generative_scoring" else "score"
         body = {
-            "id": f"{prefix}-{se._random_id()[:16]}",
+            "id": f"{prefix}-{random_id()[:16]}",
             "object": "list",
             "created": now,
             "model": model,
             "data": data,
-            "usage": _usage(tokens),
+            "usage": usage_json(tokens),
         }
     else:
         inputs = req.get("input")
@@ -296,42 +314,42 @@ async def scores(engine: StandInEngine, scope: Scope, receive: Receive, send: Se
                 {"index": i, "object": "pooling", "data": [_score(model, t, str(k)) for k in range(4)]}
                 for i, t in enumerate(texts)
             ]
-        tokens = sum(len(se.encode(t)) for t in texts)
+        tokens = sum(len(encode(t)) for t in texts)
         kind = "classify" if path == "/classify" else "pool"
         body = {
-            "id": f"{kind}-{se._random_id()[:16]}",
+            "id": f"{kind}-{random_id()[:16]}",
             "object": "list",
             "created": now,
             "model": model,
             "data": data,
-            "usage": _usage(tokens),
+            "usage": usage_json(tokens),
         }
-    await se._respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 _FORM_FIELD = re.compile(rb'name="([^"]+)"(?:; filename="[^"]*")?\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--', re.S)
 
 
 async def audio(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    raw = await se._read_body(receive)
-    content_type = se._header(scope, b"content-type") or ""
+    raw = await read_body(receive)
+    content_type = request_header(scope, b"content-type") or ""
     if not content_type.startswith("multipart/form-data"):
-        raise se._bad("Expected a multipart/form-data body.")
+        raise bad_request("Expected a multipart/form-data body.")
     fields = {m.group(1).decode(): m.group(2) for m in _FORM_FIELD.finditer(raw)}
     if "file" not in fields:
-        raise se._bad("Field required: file", "file")
+        raise bad_request("Field required: file", "file")
     req: JSON = {"model": fields["model"].decode() if "model" in fields else None}
     _, seed = engine._admit(scope, req)
     seconds = max(1, len(fields["file"]) // 16000)
     text = "".join(await _generate(engine, receive, seed, str(zlib.crc32(fields["file"])), 4))
     body = {"text": text, "usage": {"type": "duration", "seconds": seconds}}
-    await se._respond(send, 200, orjson.dumps(body))
+    await respond(send, 200, orjson.dumps(body))
 
 
 async def echo(engine: StandInEngine, scope: Scope, receive: Receive, send: Send) -> None:
-    req = await se._read_json(receive)
+    req = await read_json(receive)
     model, _ = engine._admit(scope, req)
-    await se._respond(send, 200, orjson.dumps({"model": model, "path": scope["path"]}))
+    await respond(send, 200, orjson.dumps({"model": model, "path": scope["path"]}))
 
 
 def routes(engine: StandInEngine) -> dict[str, dict[str, Handler]]:

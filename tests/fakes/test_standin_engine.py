@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,18 +23,13 @@ from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import standin_engine as se
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hello there"},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

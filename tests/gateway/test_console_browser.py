@@ -20,9 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.test_faults import GatewayProcess
 from tests.gateway.test_simcard import L8B, PHI3, QWEN14, Lab
-from tests.support import ROOT, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import ROOT, GatewayProcess, running_gateway, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -30,7 +29,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("the chromium executable is not installed (Debian: apt-get install chromium)", allow_module_level=True)
 
-from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, sync_playwright  # noqa: E402
 
 ADMIN_KEY = "sk-admin-console-8c41e07d93b2"
 API_KEY = "sk-api-console-2d7e19f0a4c6"
@@ -77,12 +76,9 @@ class Gateway(GatewayProcess):
         super().__init__(
             console_registry(tmp) if not (tmp / "reg.yaml").exists() else tmp / "reg.yaml",
             tmp / "run",
+            port,
             env={"ONECARD_ADMIN_KEYS": ADMIN_KEY},
         )
-        if port is not None:
-            self.port = port
-            self.url = f"http://127.0.0.1:{port}"
-            self.argv[self.argv.index("--port") + 1] = str(port)
 
     def admin(self, method: str, path: str, json: Any = None) -> httpx.Response:
         return httpx.request(
@@ -123,10 +119,14 @@ class Tab:
         self.errors: list[str] = []
         self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
-        self.page.on("dialog", lambda d: (self.errors.append(f"dialog: {d.message}"), d.dismiss()))
+        self.page.on("dialog", self._dialog)
         self.page.goto(url + "/")
         if ready:
             self.page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+
+    def _dialog(self, dialog: Dialog) -> None:
+        self.errors.append(f"dialog: {dialog.message}")
+        dialog.dismiss()
 
     def _console(self, msg: ConsoleMessage) -> None:
         if msg.type in ("error", "warning"):

@@ -28,7 +28,18 @@ import pytest
 from engines.engine import RestartPolicy
 from engines.state import EngineState
 from tests.fakes.standin_engine import expected_text
-from tests.support import ROOT, alive, free_port, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import (
+    ROOT,
+    GatewayProcess,
+    alive,
+    free_port,
+    gone,
+    running_gateway,
+    standin_executable,
+    standin_model,
+    wait_for,
+    write_registry,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,89 +80,6 @@ async def stream_completion(client: httpx.AsyncClient, url: str, model: str, pro
 def complete(url: str, model: str, prompt: str = "x", max_tokens: int = 3, **kw: Any) -> httpx.Response:
     return httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens},
                       timeout=kw.pop("timeout", 60), **kw)
-
-
-def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie that nobody reaped counts as gone: it holds no memory and serves nothing)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-class GatewayProcess:
-    """``onecard serve`` as a subprocess, its output in a file; kills whatever it leaves behind at exit."""
-
-    def __init__(self, registry: Path, run_dir: Path, *, log_level: str = "info",
-                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = run_dir.parent / f"gateway-{self.port}.log"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.argv = [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(registry), "--port",
-                     str(self.port), "--run-dir", str(run_dir), "--log-level", log_level, *args]
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.seen: set[int] = set()  # every descendant pid we have observed, for clean-up
-
-    def start(self) -> GatewayProcess:
-        with self.log_path.open("ab") as out:
-            self.popen = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self.popen.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not answer /health:\n{self.log()}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def descendants(self) -> set[int]:
-        try:
-            found = {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            found = set()
-        self.seen |= found
-        return found
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.descendants()
-        assert self.popen is not None
-        self.popen.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.popen is not None
-        return self.popen.wait(timeout)
-
-    def close(self) -> None:
-        self.descendants()
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-        for pid in self.seen:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -436,7 +364,7 @@ def test_gateway_sigterm_under_traffic_finishes_streams_and_stops_engines(
             model = ("alpha", "beta")[i % 2]
             body = {"model": model, "prompt": f"s{i}", "max_tokens": tokens, "stream": True}
             async with c.stream("POST", gw.url + "/v1/completions", json=body) as r:
-                parts = []
+                parts: list[str] = []
                 async for part in r.aiter_text():
                     if not parts:
                         opened += 1

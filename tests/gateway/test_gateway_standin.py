@@ -82,7 +82,8 @@ def test_completions_echo_logprobs_and_token_ids(gateway: ServerThread) -> None:
     client = oai(gateway)
     r = client.completions.create(model="alpha", prompt="The cat sat", echo=True, logprobs=1, max_tokens=0)
     assert r.choices[0].text == "The cat sat"
-    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.token_logprobs[0] is None
+    logprobs = r.choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None and logprobs.token_logprobs[0] is None
     ids = client.completions.create(model="alpha", prompt=[[72, 101, 108]], max_tokens=2)
     assert ids.usage is not None and ids.usage.prompt_tokens == 3
 
@@ -134,7 +135,7 @@ def test_queue_full_gives_503_with_retry_after(tmp_path: Path) -> None:
 
 def test_alternating_models_that_cannot_coreside(gateway: ServerThread) -> None:
     client = oai(gateway)
-    answers = {}
+    answers: dict[str, set[str]] = {}
     for i in range(6):
         model = "alpha" if i % 2 == 0 else "beta"
         r = client.completions.create(model=model, prompt="same prompt", max_tokens=4)

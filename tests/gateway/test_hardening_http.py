@@ -22,8 +22,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.gateway.test_faults import GatewayProcess
-from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import (
+    GatewayProcess,
+    ServerThread,
+    running_gateway,
+    standin_executable,
+    standin_model,
+    write_registry,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

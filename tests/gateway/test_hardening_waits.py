@@ -19,8 +19,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.test_faults import GatewayProcess, wait_for
-from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
+from tests.support import (
+    GatewayProcess,
+    ServerThread,
+    running_gateway,
+    standin_executable,
+    standin_model,
+    wait_for,
+    write_registry,
+)
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,6 +21,7 @@ from gateway.metrics import (
     VllmReexport,
     decode_rate,
 )
+from tests.support import FakeProbe
 
 GIB = 1024**3
 
@@ -278,16 +279,6 @@ def test_process_metrics_of_the_gateway_itself() -> None:
 
 
 # -- GPU ----------------------------------------------------------------------------------------
-
-
-class FakeProbe:
-    def __init__(self, readings: list[GpuReading]) -> None:
-        self.readings = readings
-        self.reads = 0
-
-    def read(self) -> list[GpuReading]:
-        self.reads += 1
-        return self.readings
 
 
 class BrokenProbe:

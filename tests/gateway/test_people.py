@@ -20,8 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from engines.people import UserClass, add_user
-from tests.gateway.test_faults import GatewayProcess
-from tests.support import ROOT, standin_executable, standin_model, write_registry
+from tests.support import ROOT, GatewayProcess, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(180)
 

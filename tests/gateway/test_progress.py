@@ -12,13 +12,14 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.progress import progress_event, wanted
 from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
 
 pytestmark = pytest.mark.timeout(120)
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 _VOLATILE = re.compile(rb'"(id|created)":("[^"]*"|\d+)')
 
 
@@ -44,16 +45,17 @@ def test_progress_is_reasoning_the_sdk_parses(gateway: ServerThread) -> None:
             model="alpha",
             messages=MESSAGES,
             max_tokens=4,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
             extra_headers={"x-onecard-progress": "1"},
         )
     )
     waits = [c for c in chunks if (c.choices[0].delta.model_extra or {}).get("reasoning_content")]
     assert waits, "no progress chunk while the engine started"
     assert all(c.object == "chat.completion.chunk" and c.model == "alpha" for c in waits)
-    assert "Waiting for alpha" in waits[0].choices[0].delta.model_extra["reasoning_content"]  # type: ignore[index]
+    extra = waits[0].choices[0].delta.model_extra
+    assert extra is not None and "Waiting for alpha" in extra["reasoning_content"]
     assert chunks[: len(waits)] == waits  # the progress comes first, then the engine's stream
-    reply = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=4)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
 
 

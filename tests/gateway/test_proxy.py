@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,16 @@ class Slot:
         self.released += 1
 
 
+def as_bytes(chunk: str | bytes | memoryview) -> bytes:
+    """A chunk of a relayed body: the proxy relays bytes, never text."""
+    assert not isinstance(chunk, str), chunk
+    return bytes(chunk)
+
+
+async def read_all(body: AsyncIterable[str | bytes | memoryview]) -> bytes:
+    return b"".join([as_bytes(c) async for c in body])
+
+
 @contextlib.asynccontextmanager
 async def proxy(**settings: Any) -> AsyncIterator[Proxy]:
     async with make_session(Settings(registry_path=Path("unused.yaml"), **settings)) as session:
@@ -224,10 +234,10 @@ async def test_a_stream_is_relayed_event_by_event_and_the_usage_event_hidden() -
             assert (b"cache-control", b"no-cache") in headers(resp)
             assert (b"content-type", b"text/event-stream; charset=utf-8") in headers(resp)
             it = aiter(resp.body_iterator)
-            first = await asyncio.wait_for(anext(it), 5)
+            first = as_bytes(await asyncio.wait_for(anext(it), 5))
             assert first == events[0]
             gate.set()
-            rest = b"".join([bytes(c) async for c in it])  # type: ignore[arg-type]
+            rest = await read_all(it)
             assert first + rest == b"".join(events if not strip else events[:2] + events[3:])
             assert slot.released == 1
         assert srv.connections == 1  # streams read to the end hand their connection back
@@ -247,9 +257,10 @@ async def test_an_abandoned_stream_closes_its_upstream_connection() -> None:
         resp = await forward(p, url, stream=True, slot=slot)
         assert isinstance(resp, StreamingResponse)
         it = resp.body_iterator
+        assert isinstance(it, AsyncGenerator)  # the proxy's relay
         async for _ in it:
             break
-        await it.aclose()  # type: ignore[attr-defined]  # what Starlette's cancel amounts to
+        await it.aclose()  # what Starlette's cancel amounts to
         assert slot.released == 1
         await srv.wait_closed()  # the engine sees the client go, and aborts the request
 
@@ -305,7 +316,7 @@ async def test_an_engine_that_does_not_answer_is_did_not_answer_in_time() -> Non
     async with Server(stall_mid_stream).running() as url, proxy(upstream_read_timeout_s=0.3) as p:
         resp = await forward(p, url, stream=True)
         assert isinstance(resp, StreamingResponse)
-        text = b"".join([bytes(c) async for c in resp.body_iterator])  # type: ignore[arg-type]
+        text = await read_all(resp.body_iterator)
         assert b"did not answer in time" in text and text.endswith(b"data: [DONE]\n\n")
 
 
@@ -335,7 +346,7 @@ async def test_a_dropped_connection_waits_briefly_for_the_engine_to_exit() -> No
     async with Server(drop).running() as url, proxy() as p:
         resp = await forward(p, url, stream=True, engine=FakeEngine(url, process=FakeProcess(exits_after=0.1)))
         assert isinstance(resp, StreamingResponse)
-        text = b"".join([bytes(c) async for c in resp.body_iterator])  # type: ignore[arg-type]
+        text = await read_all(resp.body_iterator)
         assert text.startswith(b'data: {"choices":[{"text":"a"}]}\n\n')
         assert b"model m: the engine exited while serving this request; cause: ERROR boom" in text, text
     async with Server(drop_at_once).running() as url, proxy() as p:

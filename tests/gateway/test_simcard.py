@@ -28,8 +28,7 @@ from engines.planner import GIB, plan_registry
 from engines.registry import load_registry
 from tests.fakes.simcard import ENV_LEDGER, SIDECAR, Card, Ledger
 from tests.fakes.standin_engine import expected_text
-from tests.gateway.test_faults import GatewayProcess
-from tests.support import ROOT, standin_executable
+from tests.support import ROOT, GatewayProcess, standin_executable
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
-import httpx
 import psutil
 import pytest
 
 from engines.cpu_setup import DemoModels, build_demo_models, default_home, setup_cpu_engine
-from tests.support import ROOT, free_port
+from tests.support import GatewayProcess
 
 
 @dataclass(frozen=True)
@@ -49,58 +47,14 @@ def vllm_processes() -> list[psutil.Process]:
     return found
 
 
-class GatewayProcess:
-    """``onecard serve`` as a real subprocess (so it can be killed with -9)."""
-
-    def __init__(self, registry: Path, run_dir: Path, port: int | None = None) -> None:
-        self.registry = registry
-        self.run_dir = run_dir
-        self.port = port or free_port()
-        self.log = run_dir / "gateway.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--registry", str(self.registry),
-                 "--port", str(self.port), "--run-dir", str(self.run_dir)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-            if self.proc.poll() is not None:
-                break
-        raise RuntimeError(f"gateway did not start:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator[type[GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     class Factory(GatewayProcess):
-        def start(self) -> None:
+        def start(self, timeout: float = 60.0) -> Self:
             started.append(self)
-            super().start()
+            return super().start(timeout)
 
     yield Factory
     for g in started:

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from gateway.api.vllm_routes import NOT_RELAYED, RELAYED
-from tests.real.conftest import GatewayProcess
+from tests.support import GatewayProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 

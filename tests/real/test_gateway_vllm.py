@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.real.conftest import GatewayProcess, RealVllm, vllm_processes
+from tests.real.conftest import RealVllm, vllm_processes
+from tests.support import GatewayProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -29,7 +32,7 @@ def sdk(gw: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def engines(gw: GatewayProcess) -> dict[str, dict[str, object]]:
+def engines(gw: GatewayProcess) -> dict[str, dict[str, Any]]:
     rows = httpx.get(gw.url + "/admin/engines", timeout=10).json()["engines"]
     return {r["model"]: r for r in rows}
 
@@ -41,12 +44,12 @@ def test_models_list_every_name(gateway: GatewayProcess) -> None:
 
 def test_chat_streamed_and_not(gateway: GatewayProcess) -> None:
     client = sdk(gateway)
-    messages = [{"role": "user", "content": "Tell me about the sea."}]
-    r = client.chat.completions.create(model="candidate", messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about the sea."}]
+    r = client.chat.completions.create(model="candidate", messages=messages, max_tokens=12, temperature=0)
     assert r.model == "tiny-llama" and r.usage is not None and r.usage.completion_tokens == 12
     text = r.choices[0].message.content
     assert text
-    stream = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=12,
                                             temperature=0, stream=True)
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
@@ -205,7 +208,7 @@ def test_kill9_of_gateway_then_next_start_leaves_no_vllm(gateway: GatewayProcess
         while vllm_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert vllm_processes() == []
-        assert "leftover" in successor.log.read_text()
+        assert "leftover" in successor.log()
     finally:
         successor.stop()
     assert vllm_processes() == []

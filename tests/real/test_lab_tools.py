@@ -26,8 +26,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.real.conftest import GatewayProcess
 from tests.real.tool_envs import ALPACA_EVAL, LIGHTEVAL, TOOL_ENV, setup_tool
+from tests.support import GatewayProcess
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

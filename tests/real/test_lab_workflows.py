@@ -27,14 +27,15 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.real.conftest import GatewayProcess, RealVllm
+from tests.real.conftest import RealVllm
 from tests.real.lm_eval_env import LM_EVAL_VERSION, OFFLINE_ENV, setup_lm_eval
-from tests.support import ROOT
+from tests.support import ROOT, GatewayProcess
 
 pytestmark = [pytest.mark.vllm]
 
@@ -62,7 +63,14 @@ MC_ITEMS: list[tuple[str, list[str], int]] = [
 CHOICES_PER_ITEM = 4
 
 
-def metric_values(gw: GatewayProcess, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+class Served(Protocol):
+    """Anything that serves the gateway's API at ``url`` (``onecard serve`` or ``onecard demo``)."""
+
+    @property
+    def url(self) -> str: ...
+
+
+def metric_values(gw: Served, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """Every sample of one gateway metric family (e.g. ``onecard_requests``), keyed by its sorted labels."""
     text = httpx.get(gw.url + "/metrics", timeout=10).text
     return {
@@ -74,7 +82,7 @@ def metric_values(gw: GatewayProcess, name: str) -> dict[tuple[tuple[str, str], 
     }
 
 
-def requests_by_status(gw: GatewayProcess, model: str) -> dict[str, float]:
+def requests_by_status(gw: Served, model: str) -> dict[str, float]:
     return {dict(labels)["status"]: value for labels, value in metric_values(gw, "onecard_requests").items()
             if dict(labels).get("model") == model}
 
