@@ -19,7 +19,6 @@ import contextlib
 import logging
 import shutil
 import signal
-import socket
 import tempfile
 import time
 import uuid
@@ -32,7 +31,7 @@ from engines.aio import settle
 from engines.errors import CrashLoop, EngineCrashed, EngineError, EngineStartError, StartCancelled
 from engines.fingerprint import AdapterReloadFailed, Fingerprints, WeightsMismatch, restore
 from engines.leftovers import EngineRecord, StateFile
-from engines.listener import port_owner
+from engines.listener import free_port, port_owner
 from engines.lora import LoadedAdapters
 from engines.planner import ModelPlan
 from engines.process import EngineProcess
@@ -44,13 +43,6 @@ from engines.state import EngineState, StateMachine, wait_event
 from engines.vllm import LaunchConfig, NotReady, PortTaken, VllmApi, build_argv, build_env
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Engine:
@@ -66,6 +58,7 @@ class Engine:
         state_file: StateFile,
         policy: RestartPolicy | None = None,
         on_state: Callable[[str, EngineState, EngineState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -73,7 +66,7 @@ class Engine:
         self.launch = launch
         self.client = client
         self.state_file = state_file
-        self.restarts = Restarts(policy or RestartPolicy())
+        self.restarts = Restarts(policy or RestartPolicy(), clock=clock)  # backoff and crash-loop time
         self.sm = StateMachine(spec.name, [on_state] if on_state else None)
         self.process: EngineProcess | None = None
         self.port: int | None = None

@@ -186,3 +186,11 @@ def _psutil_owner(port: int, session: int) -> PortOwner:
         listener = Listener(inode=0, uid=None, pid=c.pid)
         (ours if c.pid in pids else others).append(listener)
     return PortOwner(port, tuple(ours), tuple(others))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the engine may still lose it to another process: see port_owner)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -30,8 +30,21 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+class FakeClock:
+    """The engine's restart-policy clock: backoffs and crash-loop windows pass when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def make_engine(tmp_path: Path, client: httpx.AsyncClient, policy: RestartPolicy | None = None,
-                **model: Any) -> Engine:
+                clock: FakeClock | None = None, **model: Any) -> Engine:
     reg_path = write_registry(tmp_path / "reg.yaml", [standin_model("m", **model)],
                               executable=standin_executable(tmp_path))
     reg = load_registry(reg_path)
@@ -39,7 +52,8 @@ def make_engine(tmp_path: Path, client: httpx.AsyncClient, policy: RestartPolicy
     launch = LaunchConfig(registry=reg, executable=reg.vllm.executable, platform=reg.gpu.platform,
                           budget_gib=plan.budget_gib, run_dir=tmp_path / "run")
     return Engine(reg.models[0], plan=plan.model("m"), launch=launch, client=client,
-                  state_file=StateFile(tmp_path / "run" / "state" / "engines.json"), policy=policy)
+                  state_file=StateFile(tmp_path / "run" / "state" / "engines.json"), policy=policy,
+                  clock=clock or time.monotonic)
 
 
 def state(e: Engine) -> EngineState:
@@ -90,8 +104,9 @@ async def test_crash_at_start_names_vllms_error(tmp_path: Path, client: httpx.As
 
 async def test_crash_mid_request_then_restart(tmp_path: Path, client: httpx.AsyncClient) -> None:
     policy = RestartPolicy(base_backoff_s=0.2, loop_failures=3, loop_window_s=60)
+    clock = FakeClock()
     # 5: the start's fingerprint probe (4 tokens) must pass; the 20-token request below crashes
-    e = make_engine(tmp_path, client, policy, env={"STANDIN_CRASH_AFTER_TOKENS": "5"})
+    e = make_engine(tmp_path, client, policy, clock, env={"STANDIN_CRASH_AFTER_TOKENS": "5"})
     await e.ensure_ready()
     first_pid = e.pid
     with pytest.raises(httpx.HTTPError):
@@ -105,7 +120,9 @@ async def test_crash_mid_request_then_restart(tmp_path: Path, client: httpx.Asyn
         await asyncio.sleep(0.05)
     assert state(e) is EngineState.FAILED
     assert e.last_error is not None and "exited" in e.last_error.message
-    await asyncio.sleep(0.3)  # past the first backoff
+    with pytest.raises(CrashLoop, match="restarts after a backoff"):
+        await e.ensure_ready()  # inside the first backoff
+    clock.advance(0.3)  # past it
     await e.ensure_ready()
     assert state(e) is EngineState.READY and e.pid != first_pid
     await e.stop()
@@ -126,16 +143,19 @@ async def test_hang_on_stop_takes_the_sigkill_path(tmp_path: Path, client: httpx
 
 async def test_crash_loop_backs_off_then_refuses(tmp_path: Path, client: httpx.AsyncClient) -> None:
     policy = RestartPolicy(base_backoff_s=0.3, loop_failures=3, loop_window_s=60)
-    e = make_engine(tmp_path, client, policy, env={"STANDIN_FAIL_START": "RuntimeError: CUDA error: boom"})
+    clock = FakeClock()
+    e = make_engine(tmp_path, client, policy, clock, env={"STANDIN_FAIL_START": "RuntimeError: CUDA error: boom"})
     with pytest.raises(EngineStartError):
         await e.ensure_ready()
     with pytest.raises(CrashLoop, match="restarts after a backoff") as backoff:
         await e.ensure_ready()  # immediately again: inside the backoff
     assert 0 < backoff.value.retry_after <= 1
-    await asyncio.sleep(0.35)
+    clock.advance(0.35)
     with pytest.raises(EngineStartError):
         await e.ensure_ready()
-    await asyncio.sleep(0.65)
+    with pytest.raises(CrashLoop, match="restarts after a backoff"):  # the second backoff is 0.6 s
+        await e.ensure_ready()
+    clock.advance(0.65)
     with pytest.raises(EngineStartError):
         await e.ensure_ready()
     with pytest.raises(CrashLoop, match="failed 3 times") as loop:
