@@ -55,7 +55,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import percentile
 from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
 
 RESULTS = Path(__file__).resolve().parent / "results" / "judge_loop.json"
@@ -303,15 +304,6 @@ def metrics_queue_wait_count(text: str) -> int:
         if family.name == "onecard_queue_wait_seconds":
             return int(sum(s.value for s in family.samples if s.name.endswith("_count")))
     return 0
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0-100) of ``values``; 0 for none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def run_one(policy: str, workload: str, items: list[Item], *, workers: int, scale: float, spawn_s: float,

@@ -50,7 +50,8 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.judge_loop import Profile, calibrate_spawn, percentile
+from benchmarks.common import percentile
+from benchmarks.judge_loop import Profile, calibrate_spawn
 from engines.people import UserClass, add_user
 from engines.planner import GIB, plan_registry
 from engines.registry import load_registry
@@ -358,7 +359,8 @@ def run_policy(
     day.swap_times = [(r.at - mono_to_wall - lab.t0, r.model) for r in records if r.evicted]
     day.card_idle_s = sum(every for _, _, idle in day.timeline if idle) / scale
     ttfts = [ch.ttft / scale for ch in lab.chats if ch.ttft is not None]
-    day.ttft_p50_s, day.ttft_p95_s = percentile(ttfts, 50), percentile(ttfts, 95)
+    if ttfts:
+        day.ttft_p50_s, day.ttft_p95_s = percentile(ttfts, 50), percentile(ttfts, 95)
     day.ttft_max_s = max(ttfts, default=0.0)
     day.lost, day.requests, day.chats, day.why = lab.lost, lab.requests, lab.chats, lab.why[:20]
     return day
