@@ -84,7 +84,9 @@ def _bearer(scope: Scope) -> str | None:
 
 def _loopback(scope: Scope) -> bool:
     client = scope.get("client")
-    return bool(client) and _loopback_address(client[0])
+    if not client:
+        return False
+    return _loopback_address(client[0])
 
 
 @functools.lru_cache(maxsize=256)
