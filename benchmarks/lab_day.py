@@ -52,6 +52,7 @@ import yaml
 
 from benchmarks.common import percentile
 from benchmarks.judge_loop import Profile, calibrate_spawn
+from benchmarks.lab_day_report import draw, table
 from engines.people import UserClass, add_user
 from engines.planner import GIB, plan_registry
 from engines.registry import load_registry
@@ -366,77 +367,6 @@ def run_policy(
     return day
 
 
-def table(days: list[Day]) -> str:
-    head = (
-        "policy",
-        "batch makespan s",
-        "chat TTFT p50",
-        "p95",
-        "max",
-        "swaps",
-        "wakes",
-        "cold",
-        "card idle s",
-        "lost",
-        "requests",
-    )
-    rows = [head] + [
-        (
-            d.policy,
-            f"{d.batch_makespan_s:.0f}",
-            f"{d.ttft_p50_s:.1f}",
-            f"{d.ttft_p95_s:.1f}",
-            f"{d.ttft_max_s:.1f}",
-            str(d.swaps),
-            str(d.wakes),
-            str(d.cold_starts),
-            f"{d.card_idle_s:.0f}",
-            str(d.lost),
-            str(d.requests),
-        )
-        for d in days
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows
-    )
-
-
-def draw(days: list[Day], scale: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [p.name for p in PROFILES]
-    fig, grid = plt.subplots(len(days), 1, figsize=(12, 2.6 * len(days)), sharex=True, squeeze=False)
-    axes = [row[0] for row in grid]
-    for ax, d in zip(axes, days, strict=True):
-        for row, name in enumerate(names):
-            spans: list[tuple[float, float]] = []
-            for (t, resident, _), nxt in zip(d.timeline, d.timeline[1:], strict=False):
-                if name in resident:
-                    spans.append((t / scale / 60, (nxt[0] - t) / scale / 60))
-            ax.broken_barh(spans, (row - 0.35, 0.7), color=f"C{row}")
-        for t, _ in d.swap_times:
-            ax.axvline(t / scale / 60, color="grey", lw=0.5, alpha=0.6)
-        chat_rows = {p.name: i for i, p in enumerate(PROFILES)}
-        xs = [ch.sent / scale / 60 for ch in d.chats if ch.ttft is not None]
-        ys = [chat_rows[ch.model] + 0.45 for ch in d.chats if ch.ttft is not None]
-        sizes = [8 + 4 * (ch.ttft or 0) / scale for ch in d.chats if ch.ttft is not None]
-        ax.scatter(xs, ys, s=sizes, c="black", marker="v", label="chat (size: wait)")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_title(
-            f"{d.policy}: makespan {d.batch_makespan_s:.0f} s, chat TTFT p95 {d.ttft_p95_s:.1f} s, "
-            f"{d.swaps} swaps, {d.lost} lost",
-            fontsize=9,
-        )
-    axes[-1].set_xlabel("lab time (minutes)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--scale", type=float, default=0.02, help="seconds of run per second of lab time")
@@ -482,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     print(json.dumps(aims, indent=1))
     png = RESULTS / "lab_day.png"
-    draw(days, args.scale, png)
+    draw(days, args.scale, png, [p.name for p in PROFILES])
     out = {
         "config": {
             "scale": args.scale,
