@@ -55,14 +55,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import percentile
+from benchmarks.judge_report import judge_aims, table
 from tests.support import ServerThread, running_gateway, standin_executable, standin_model, write_registry
 
 RESULTS = Path(__file__).resolve().parent / "results" / "judge_loop.json"
@@ -305,15 +306,6 @@ def metrics_queue_wait_count(text: str) -> int:
     return 0
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in 0-100) of ``values``; 0 for none."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
 def run_one(policy: str, workload: str, items: list[Item], *, workers: int, scale: float, spawn_s: float,
             max_wait_s: float, tmp: Path) -> Run:
     folder = tmp / f"{policy}-{workload}"
@@ -364,52 +356,6 @@ def run_one(policy: str, workload: str, items: list[Item], *, workers: int, scal
     )
 
 
-# --- report -------------------------------------------------------------------------------------------
-
-
-def table(runs: list[Run], max_wait_s: float) -> str:
-    head = ("policy", "workload", "requests", "swaps", "floor", "makespan", "p50 wait", "p99 wait")
-    rows = [head] + [
-        (r.policy, r.workload, str(r.requests), str(r.swaps), str(r.floor), f"{r.makespan_s:.2f} s",
-         f"{r.wait_p50_s:.3f} s", f"{r.wait_p99_s:.3f} s")
-        for r in runs
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    lines.append(f"(wait: gateway queue wait per request, 0 when admitted at once; max_wait_s = {max_wait_s:g} s)")
-    return "\n".join(lines)
-
-
-def judge_aims(runs: list[Run], max_wait_s: float) -> dict[str, Any]:
-    by = {(r.policy, r.workload): r for r in runs}
-    out: dict[str, Any] = {"ratios": {}, "aims": {}}
-    for w in WORKLOADS:
-        pol, fifo = by.get(("swap-aware", w)), by.get(("fifo", w))
-        if pol and fifo:
-            out["ratios"][w] = {
-                "fifo_makespan_over_policy": round(fifo.makespan_s / pol.makespan_s, 3),
-                "policy_swaps_over_floor": round(pol.swaps / pol.floor, 3),
-                "fifo_swaps_over_floor": round(fifo.swaps / fifo.floor, 3),
-                "fifo_swaps_per_request": round(fifo.swaps / max(1, fifo.requests), 3),
-            }
-    a, a_fifo, b = by.get(("swap-aware", "closed-loop")), by.get(("fifo", "closed-loop")), by.get(("swap-aware",
-                                                                                                     "phases"))
-    if a is not None:
-        out["aims"]["a_swaps_within_10pct_of_floor"] = a.swaps <= 1.1 * a.floor
-        out["aims"]["a_p99_wait_under_max_wait"] = a.wait_p99_s < max_wait_s
-        if a_fifo is not None:
-            out["aims"]["a_makespan_3x_shorter_than_fifo"] = a_fifo.makespan_s >= 3 * a.makespan_s
-    if b is not None:
-        out["aims"]["b_at_most_2_swaps"] = b.swaps <= 2
-    c, c_fifo = by.get(("swap-aware", "pipelined")), by.get(("fifo", "pipelined"))
-    if c is not None and c_fifo is not None:  # not an aim of the issue: where the policies differ
-        out["aims"]["extra_c_makespan_3x_shorter_than_fifo"] = c_fifo.makespan_s >= 3 * c.makespan_s
-    out["aims"]["no_errors"] = all(r.errors == 0 for r in runs)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.judge_loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=None, help="items to judge (default 200; 48 with --quick)")
@@ -454,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{run.errors} errors; measured cold start {run.cold_start_s}, swap {run.swap_s}", flush=True)
     print()
     print(table(runs, max_wait_s))
-    verdict = judge_aims(runs, max_wait_s)
+    verdict = judge_aims(runs, max_wait_s, WORKLOADS)
     for w, r in verdict["ratios"].items():
         print(f"{w:11}: FIFO makespan / policy makespan = {r['fifo_makespan_over_policy']:.2f}x; "
               f"swaps / floor: policy {r['policy_swaps_over_floor']:.2f}, FIFO {r['fifo_swaps_over_floor']:.2f}")

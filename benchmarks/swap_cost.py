@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from engines.engine import Engine, free_port
+from benchmarks.common import free_port
+from engines.engine import Engine
 from engines.leftovers import StateFile
 from engines.planner import plan_registry
 from engines.registry import load_registry

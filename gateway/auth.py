@@ -25,6 +25,7 @@ Browsers (a page the user visits may send requests to ``127.0.0.1:8000``):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 
@@ -40,8 +41,10 @@ OPEN_PATHS = frozenset({"/health"})
 FORWARDING_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-real-ip", b"via"})
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback_host(host: str) -> bool:
-    """Whether a bind address or ``Host`` name (port and brackets removed) means this machine only."""
+    """Whether a bind address or ``Host`` name (port and brackets removed) means this machine only
+    (remembered for the last 256 names: parsing an address costs microseconds on every request)."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -83,8 +86,13 @@ def _loopback(scope: Scope) -> bool:
     client = scope.get("client")
     if not client:
         return False
+    return _loopback_address(client[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _loopback_address(address: str) -> bool:
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
 

@@ -13,7 +13,10 @@ timer per request::
   connection closed; nothing reaches the app.
 - **Head deadline**: a connection must deliver a whole request head within ``timeout_s`` of opening
   (or of its first byte, for later requests on a keep-alive connection), however it dribbles it;
-  otherwise ``408`` (or a silent close when it sent nothing) and the connection is closed.
+  otherwise ``408`` (or a silent close when it sent nothing) and the connection is closed. One timer
+  per connection serves every request on it: a request moves the deadline, and the timer, when it
+  fires early, sets itself again for what is left (a timer made and cancelled per request cost more
+  than the rest of this class).
 - **Body progress**: while a request body is being received, ``timeout_s`` without a byte closes the
   connection (the app sees a disconnect).
 - **Stalled reader**: a client that leaves the response unread, so the socket's buffers fill and
@@ -58,8 +61,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = False
         self._head_bytes = 0
-        self._head_count = 0
         self._last_data = 0.0
+        self._head_due = 0.0  # loop time by which the head being received must be complete
+        self._served = False  # a request on this connection has been received whole
         self._deadline: asyncio.TimerHandle | None = None
         self._stall: asyncio.TimerHandle | None = None
 
@@ -68,6 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._in_head = True
+        self._head_due = self.loop.time() + self.limits.timeout_s
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -85,7 +90,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse(431, f"the request head is over {self.limits.max_head_bytes} bytes",
                              "request_header_fields_too_large")
-            elif self._head_count > self.limits.max_headers:
+            elif len(self.headers or ()) > self.limits.max_headers:  # uvicorn's list of this request's headers
                 self._refuse(431, f"the request has more than {self.limits.max_headers} headers",
                              "request_header_fields_too_large")
 
@@ -94,22 +99,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._head_bytes = self._head_count = 0
+        self._head_bytes = 0
+        if self._served:
+            self._head_due = self.loop.time() + self.limits.timeout_s
         if self._deadline is None:
-            self._arm()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_count += 1
-        super().on_header(name, value)
+            self._arm(self._head_due - self.loop.time())
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._served = True  # the timer, if still set, lapses when it finds nothing in progress
         super().on_message_complete()
 
     # --- writing ------------------------------------------------------------------------------------
@@ -135,6 +136,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport is None or self.transport.is_closing():
             return
         if self._in_head:
+            left = self._head_due - self.loop.time()
+            if left > 0:  # set for an earlier request's deadline
+                self._arm(left)
+                return
             if self._head_bytes:
                 self.transport.write(refusal(408, f"the request head did not arrive within {self.limits.timeout_s:g} s",
                                              "request_timeout"))

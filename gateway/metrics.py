@@ -32,27 +32,22 @@ indexes, NVML clock-event reasons).
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
-from engines.gpu import CLOCK_EVENT_REASONS, GpuProbe, GpuReading
+from engines.gpu import GpuProbe
+from gateway.collectors import OTHER_PROCESS, GpuCollector, VllmReexport
 
-log = logging.getLogger(__name__)
+__all__ = ["CONTENT_TYPE", "ENGINE_STATES", "OTHER_PROCESS", "SWAP_KINDS", "UNKNOWN_MODEL", "GpuCollector", "Metrics",
+           "VllmReexport", "decode_rate"]
 
 #: The ``model`` label for requests that name no registered model.
 UNKNOWN_MODEL = "_unknown"
-#: The ``model`` label for GPU processes that belong to no engine.
-OTHER_PROCESS = "_other"
 #: The values of ``engines.state.EngineState``, in order.
 ENGINE_STATES: tuple[str, ...] = ("stopped", "starting", "ready", "draining", "sleeping", "stopping", "failed")
 #: How a model was made resident: started from nothing, woken from sleep, loaded beside another.
@@ -191,6 +186,17 @@ class Metrics:
             r.register(self.gpu)
         if process_metrics:
             ProcessCollector(registry=r)
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, bound once: the request path then pays a dict lookup, not the
+        label checks and lock of ``labels()``. A child is made on first use, as ``labels()`` makes it, so
+        a scrape holds exactly the series it would otherwise (none is created ahead, none removed)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -199,15 +205,15 @@ class Metrics:
 
         Example: ``metrics.observe_request("llama-8b", 200, 0.84)``
         """
-        self.requests.labels(model, str(status)).inc()
-        self.request_duration.labels(model).observe(max(0.0, duration_s))
+        self._child(self.requests, model, str(status)).inc()
+        self._child(self.request_duration, model).observe(max(0.0, duration_s))
 
     def observe_error(self, model: str, kind: str) -> None:
         """Count one failure of a kind from the error tree (``engine_failed``, ``timeout``, ...).
 
         Example: ``metrics.observe_error("llama-8b", "engine_failed")``
         """
-        self.request_errors.labels(model, kind).inc()
+        self._child(self.request_errors, model, kind).inc()
 
     def observe_tokens(
         self,
@@ -228,23 +234,23 @@ class Metrics:
             # -> 80.0 tokens/s
         """
         if prompt_tokens:
-            self.prompt_tokens.labels(model).inc(max(0, prompt_tokens))
+            self._child(self.prompt_tokens, model).inc(max(0, prompt_tokens))
         if completion_tokens:
-            self.completion_tokens.labels(model).inc(max(0, completion_tokens))
+            self._child(self.completion_tokens, model).inc(max(0, completion_tokens))
         if ttft_s is not None and ttft_s >= 0:
-            self.ttft.labels(model).observe(ttft_s)
+            self._child(self.ttft, model).observe(ttft_s)
         rate = decode_rate(completion_tokens, decode_s)
         if rate is not None:
-            self.decode_tokens_per_second.labels(model).set(rate)
-            self.decode_rate.labels(model).observe(rate)
+            self._child(self.decode_tokens_per_second, model).set(rate)
+            self._child(self.decode_rate, model).observe(rate)
         return rate
 
     def request_started(self, model: str) -> None:
         """One more request in flight to an engine; pair with :meth:`request_finished`."""
-        self.in_flight.labels(model).inc()
+        self._child(self.in_flight, model).inc()
 
     def request_finished(self, model: str) -> None:
-        self.in_flight.labels(model).dec()
+        self._child(self.in_flight, model).dec()
 
     # -- queues ---------------------------------------------------------------------------------
 
@@ -253,10 +259,10 @@ class Metrics:
 
         Example: ``metrics.set_queue("judge-70b", 3)``
         """
-        self.queue_depth.labels(model).set(depth)
+        self._child(self.queue_depth, model).set(depth)
 
     def observe_queue_wait(self, model: str, seconds: float) -> None:
-        self.queue_wait.labels(model).observe(max(0.0, seconds))
+        self._child(self.queue_wait, model).observe(max(0.0, seconds))
 
     # -- engines --------------------------------------------------------------------------------
 
@@ -344,140 +350,3 @@ def _own_version() -> str:
         return package_version("onecard")
     except PackageNotFoundError:
         return "unknown"
-
-
-class GpuCollector(Collector):
-    """``onecard_gpu_*`` series, read from a :class:`engines.gpu.GpuProbe` at every scrape.
-
-    ``pid_to_model`` names the model whose engine owns a GPU process (``None``: not ours); their
-    memory is summed per model, the rest under :data:`OTHER_PROCESS`::
-
-        registry.register(GpuCollector(NvmlProbe.open(), lambda pid: None))
-    """
-
-    def __init__(self, probe: GpuProbe, pid_to_model: Callable[[int], str | None] | None = None) -> None:
-        self._probe = probe
-        self._pid_to_model = pid_to_model or (lambda pid: None)
-        self._failing = False
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        try:
-            families = list(self._families(self._probe.read()))
-        except Exception:
-            # A probe (or pid_to_model) must not raise; if one does, the rest of the scrape still goes out.
-            if not self._failing:
-                log.exception("GPU probe failed; GPU series left out of /metrics")
-            self._failing = True
-            return []
-        self._failing = False
-        return families
-
-    def _families(self, readings: list[GpuReading]) -> Iterator[Metric]:
-        simple: list[tuple[str, str, Callable[[GpuReading], float | None]]] = [
-            ("onecard_gpu_temperature_celsius", "GPU core temperature.", lambda g: g.temperature_c),
-            ("onecard_gpu_memory_used_bytes", "GPU memory in use.", lambda g: g.memory_used_bytes),
-            ("onecard_gpu_memory_total_bytes", "GPU memory in all.", lambda g: g.memory_total_bytes),
-            ("onecard_gpu_power_watts", "GPU power draw.", lambda g: g.power_w),
-            ("onecard_gpu_sm_clock_mhz", "GPU SM clock.", lambda g: g.sm_clock_mhz),
-            (
-                "onecard_gpu_utilization_ratio",
-                "Share of the last sample period a kernel ran (0-1).",
-                lambda g: g.utilization_ratio,
-            ),
-        ]
-        for name, documentation, value_of in simple:
-            family = GaugeMetricFamily(name, documentation, labels=["gpu"])
-            for reading in readings:
-                value = value_of(reading)
-                if value is not None:
-                    family.add_metric([str(reading.index)], float(value))
-            if family.samples:
-                yield family
-        events = GaugeMetricFamily(
-            "onecard_gpu_clock_event_active",
-            "1 while an NVML clock-event (throttle) reason is active.",
-            labels=["gpu", "reason"],
-        )
-        processes = GaugeMetricFamily(
-            "onecard_gpu_process_memory_bytes",
-            "GPU memory held by each model's engine processes.",
-            labels=["gpu", "model"],
-        )
-        for reading in readings:
-            gpu = str(reading.index)
-            if reading.clock_event_reasons is not None:
-                for _, reason in CLOCK_EVENT_REASONS:
-                    events.add_metric([gpu, reason], 1.0 if reason in reading.clock_event_reasons else 0.0)
-            by_model: dict[str, int] = {}
-            for pid, used in (reading.process_memory_bytes or {}).items():
-                model = self._pid_to_model(pid) or OTHER_PROCESS
-                by_model[model] = by_model.get(model, 0) + used
-            for model, used in sorted(by_model.items()):
-                processes.add_metric([gpu, model], float(used))
-        for family in (events, processes):
-            if family.samples:
-                yield family
-
-
-class VllmReexport(Collector):
-    """The engines' own ``vllm:*`` series, re-exported under their own names with a ``model`` label::
-
-        reexport = VllmReexport()
-        reexport.update("llama-8b", engine_metrics_text)   # after each scrape of the engine
-        reexport.forget("llama-8b")                        # when the engine stops
-
-    Each series keeps vLLM's labels (``engine``, ``model_name``, ``le``...) and gains ``model``.
-    ``*_created`` samples (the engine's start time per series) and sample timestamps are dropped.
-    Families of the same name from several engines are merged into one, so the scrape stays valid.
-    """
-
-    def __init__(self, prefixes: tuple[str, ...] = ("vllm:",)) -> None:
-        self._prefixes = prefixes
-        self._lock = threading.Lock()
-        self._by_model: dict[str, list[Metric]] = {}
-
-    def update(self, model: str, text: str) -> None:
-        """Parse one engine scrape; a text that does not parse raises ``ValueError`` and changes nothing."""
-        try:
-            families = [
-                relabeled
-                for family in text_string_to_metric_families(text)
-                if family.name.startswith(self._prefixes) and (relabeled := _relabel(family, model)) is not None
-            ]
-        except Exception as exc:  # the parser raises ValueError, IndexError, ... on bad text
-            raise ValueError(f"engine {model}: cannot parse its /metrics: {exc}") from exc
-        with self._lock:
-            self._by_model[model] = families
-
-    def forget(self, model: str) -> None:
-        with self._lock:
-            self._by_model.pop(model, None)
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        with self._lock:
-            snapshot = sorted(self._by_model.items())
-        merged: dict[str, Metric] = {}
-        for _, families in snapshot:
-            for family in families:
-                target = merged.get(family.name)
-                if target is None:
-                    target = merged[family.name] = Metric(family.name, family.documentation, family.type)
-                if target.type == family.type:  # engines of different vLLM versions may disagree
-                    target.samples.extend(family.samples)
-        return list(merged.values())
-
-
-def _relabel(family: Metric, model: str) -> Metric | None:
-    out = Metric(family.name, family.documentation, family.type)
-    out.samples = [
-        Sample(sample.name, {**sample.labels, "model": model}, sample.value)
-        for sample in family.samples
-        if not sample.name.endswith("_created")
-    ]
-    return out if out.samples else None

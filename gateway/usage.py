@@ -152,9 +152,20 @@ class UserMetrics:
             registry=registry,
         )
         self.swaps = Counter("onecard_user_swaps", "Swaps a user's request caused.", labels, registry=registry)
+        self._children: dict[tuple[Counter, str, str], Any] = {}
 
     def label(self, user: str) -> str:
         return user if user in (ANONYMOUS, ADMIN) or user in self.users() else "other"
+
+    def child(self, counter: Counter, user: str, model: str) -> Any:
+        """``counter.labels(self.label(user), model)``, bound once per user label and model (made on first
+        use, as ``labels()`` would make it)."""
+        label = self.label(user)
+        key = (counter, label, model)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = counter.labels(label, model)
+        return found
 
 
 class Usage:
@@ -191,20 +202,20 @@ class Usage:
         """A request of ``user`` left ``model``'s engine: count it, its queue wait and its engine-seconds."""
         engine_s = self.clocks[model].end(mark)
         self._add(user, model, requests=1, queue_wait_s=queue_wait_s, engine_seconds=engine_s)
-        label = self.metrics.label(user)
-        self.metrics.requests.labels(label, model).inc()
-        self.metrics.queue_wait.labels(label, model).inc(queue_wait_s)
-        self.metrics.engine_seconds.labels(label, model).inc(engine_s)
+        m = self.metrics
+        m.child(m.requests, user, model).inc()
+        m.child(m.queue_wait, user, model).inc(queue_wait_s)
+        m.child(m.engine_seconds, user, model).inc(engine_s)
 
     def tokens(self, model: str, *, user: str, prompt: int, completion: int) -> None:
         self._add(user, model, prompt_tokens=prompt, completion_tokens=completion)
-        label = self.metrics.label(user)
-        self.metrics.prompt_tokens.labels(label, model).inc(prompt)
-        self.metrics.completion_tokens.labels(label, model).inc(completion)
+        m = self.metrics
+        m.child(m.prompt_tokens, user, model).inc(prompt)
+        m.child(m.completion_tokens, user, model).inc(completion)
 
     def swap(self, model: str, *, user: str) -> None:
         self._add(user, model, swaps=1)
-        self.metrics.swaps.labels(self.metrics.label(user), model).inc()
+        self.metrics.child(self.metrics.swaps, user, model).inc()
 
     async def flush(self) -> None:
         async with self._flushing:

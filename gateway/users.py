@@ -12,10 +12,12 @@ back with :func:`user_of`::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from starlette.types import Scope
@@ -43,6 +45,7 @@ class People:
         self.on_change: list[Callable[[Users], None]] = []
         self._mtime = self._stat()
         self._checked = time.monotonic()
+        self._looking = False  # a look at the file's modification time is under way in a thread
 
     def _stat(self) -> float | None:
         if self.path is None:
@@ -53,21 +56,40 @@ class People:
             return None
 
     def current(self) -> Users:
-        """The users, re-read if the file changed (looked at once a second at most)."""
+        """The users, re-read if the file changed (looked at once a second at most).
+
+        On an event loop (every request asks) the file's modification time is read in a worker thread
+        and a change is taken up when the answer comes: a ``stat`` that waits on a busy disk must not
+        hold up every request. Elsewhere it is read at once."""
         now = time.monotonic()
-        if self.path is not None and now - self._checked >= RELOAD_CHECK_S:
+        if self.path is not None and now - self._checked >= RELOAD_CHECK_S and not self._looking:
             self._checked = now
-            mtime = self._stat()
-            if mtime != self._mtime:
-                self._mtime = mtime
-                try:
-                    self.users = load_users(self.path)
-                    for hook in self.on_change:
-                        hook(self.users)
-                    log.info("users file %s re-read: %d user(s)", self.path, len(self.users.users))
-                except UsersError as e:
-                    log.error("users file changed but cannot be used; keeping the previous one:\n%s", e)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._take(self._stat())
+            else:
+                self._looking = True
+                loop.run_in_executor(None, self._stat).add_done_callback(self._looked)
         return self.users
+
+    def _looked(self, done: asyncio.Future[float | None] | Future[float | None]) -> None:
+        self._looking = False
+        if not done.cancelled() and done.exception() is None:
+            self._take(done.result())
+
+    def _take(self, mtime: float | None) -> None:
+        """Re-read the file if its modification time is not the one last read."""
+        if mtime == self._mtime or self.path is None:
+            return
+        self._mtime = mtime
+        try:
+            self.users = load_users(self.path)
+            for hook in self.on_change:
+                hook(self.users)
+            log.info("users file %s re-read: %d user(s)", self.path, len(self.users.users))
+        except UsersError as e:
+            log.error("users file changed but cannot be used; keeping the previous one:\n%s", e)
 
     @property
     def named(self) -> bool:

@@ -160,6 +160,38 @@ def test_slow_request_heads_are_cut_off(served: GatewayProcess) -> None:
     assert max(closed.values()) < 8, closed
 
 
+def test_a_later_request_head_gets_its_own_deadline(served: GatewayProcess) -> None:
+    """On a keep-alive connection the head deadline runs from the later request's first byte: a head
+    begun 1.5 s after the first answer is not cut at the first request's deadline (2 s after the
+    connection opened), but is once its own 2 s have passed."""
+    sock = connect(served.port)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = b""
+    while not first.endswith(b'{"status":"ok"}'):  # the head and the body may come in two reads
+        data = sock.recv(4096)
+        assert data, first
+        first += data
+    assert first.startswith(b"HTTP/1.1 200")
+    time.sleep(1.5)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    begun = time.monotonic()
+    sock.setblocking(False)
+    answer, cut_after = b"", None
+    while cut_after is None and time.monotonic() - begun < 10:
+        try:
+            answer = sock.recv(4096)
+            cut_after = time.monotonic() - begun
+        except BlockingIOError:
+            with contextlib.suppress(OSError):
+                sock.send(b"X-Slow: 1\r\n")
+            time.sleep(0.1)
+        except OSError:
+            cut_after = time.monotonic() - begun
+    sock.close()
+    assert cut_after is not None and 1.5 < cut_after < 8, cut_after
+    assert answer in (b"",) or answer.startswith(b"HTTP/1.1 408"), answer[:100]
+
+
 def test_a_connection_that_sends_nothing_is_closed(served: GatewayProcess) -> None:
     sock = connect(served.port)
     sock.settimeout(10)

@@ -387,3 +387,35 @@ def test_usage_survives_a_gateway_restart(tmp_path: Path) -> None:
         assert bad.status_code == 400 and "give an ISO date" in bad.json()["error"]["message"]
     finally:
         lab.gw.close()
+
+
+# --- the users file, re-read while serving ----------------------------------------------------------------
+
+
+def test_a_changed_users_file_is_taken_up_while_the_loop_serves(tmp_path: Path) -> None:
+    """On the event loop the file's modification time is read in a worker thread: the users asked for
+    meanwhile are the last ones read, and the change is taken up once the answer is in (within a
+    second or so of the change), and the change hooks run."""
+    from gateway.users import RELOAD_CHECK_S, People
+
+    path = tmp_path / "users.yaml"
+    add_user(path, "alice", klass=UserClass.BATCH, admin=False)
+    people = People(path)
+    seen: list[int] = []
+    people.on_change.append(lambda users: seen.append(len(users.users)))
+
+    async def scenario() -> tuple[list[str], float]:
+        assert [u.name for u in people.current().users] == ["alice"]
+        add_user(path, "bob", klass=UserClass.BATCH, admin=False)
+        later = time.time() + 5  # a modification time that differs whatever the file system's granularity
+        os.utime(path, (later, later))
+        t0 = time.monotonic()
+        for _ in range(500):  # up to 5 s; every request asks, so each look is one current() call
+            if len(people.current().users) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return [u.name for u in people.current().users], time.monotonic() - t0
+
+    names, waited = asyncio.run(scenario())
+    assert names == ["alice", "bob"] and seen == [2]
+    assert waited < RELOAD_CHECK_S + 1.0, waited
