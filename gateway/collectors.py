@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from engines.gpu import CLOCK_EVENT_REASONS, GpuProbe, GpuReading
+from engines.pool import CLOCK_EVENT_REASONS, GpuProbe, GpuReading
 
 log = logging.getLogger(__name__)
 

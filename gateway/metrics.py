@@ -40,7 +40,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from engines.gpu import GpuProbe
+from engines.pool import GpuProbe
 from gateway.collectors import OTHER_PROCESS, GpuCollector, VllmReexport
 
 __all__ = ["CONTENT_TYPE", "ENGINE_STATES", "OTHER_PROCESS", "SWAP_KINDS", "UNKNOWN_MODEL", "GpuCollector", "Metrics",

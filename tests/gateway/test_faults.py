@@ -258,12 +258,13 @@ def test_engine_port_taken_retries_on_another_port(tmp_path: Path, monkeypatch: 
     """The port chosen for the engine is taken before the engine binds it: the start is retried on a
     new port, and the gateway never mistakes the squatter for its engine."""
     import engines.engine
+    import engines.listener
 
     caplog.set_level(logging.WARNING, logger="engines.engine")
     reg = write_registry(tmp_path / "reg.yaml", [standin_model("m")], executable=standin_executable(tmp_path))
     with squatter(kind) as taken:
         ports = iter([taken])
-        real = engines.engine.free_port
+        real = engines.listener.free_port
         monkeypatch.setattr(engines.engine, "free_port", lambda: next(ports, None) or real())
         with running_gateway(reg, tmp_path / "run") as server:
             r = complete(server.url, "m", "hello", 4)
