@@ -124,5 +124,8 @@ class StateMachine:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
-        for listener in self._listeners:
-            listener(self.name, expected, new)
+        for listener in self._listeners:  # a listener's bug must not leave a transition half done
+            try:
+                listener(self.name, expected, new)
+            except Exception:
+                log.exception("engine %s: a listener of %s -> %s failed", self.name, expected, new)

@@ -40,3 +40,14 @@ async def test_waiters_wake_on_the_next_transition_not_on_a_poll() -> None:
     sm.swap(EngineState.STOPPED, EngineState.STARTING)
     assert await asyncio.wait_for(waiting, 1.0) is True
     assert await sm.changed(0.01) is False  # nothing happened since
+
+
+def test_a_failing_listener_is_logged_and_the_transition_stands(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(name: str, old: EngineState, new: EngineState) -> None:
+        raise ValueError("a metrics bug")
+
+    seen: list[EngineState] = []
+    sm = StateMachine("tiny", [broken, lambda name, old, new: seen.append(new)])
+    sm.swap(EngineState.STOPPED, EngineState.STARTING)
+    assert sm.state is EngineState.STARTING and seen == [EngineState.STARTING]  # the next listener still ran
+    assert "a listener of stopped -> starting failed" in caplog.text and "a metrics bug" in caplog.text
