@@ -113,7 +113,8 @@ class Gateway:
     started_at: float = field(default_factory=time.time)
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
     vllm_version: str | None = None  # read once from the executable at start; an engine's own report wins
-    _records: dict[str, tuple[tuple[str, str | None], dict[str, Any], str]] = field(default_factory=dict)
+    #: model -> (its engine's key, its record, the response headers that carry it), rebuilt per engine process
+    _records: dict[str, tuple[tuple[str, str | None], dict[str, Any], dict[str, str]]] = field(default_factory=dict)
 
     def resolve(self, name: str) -> Target | None:
         return self.pool.resolve(name)
@@ -129,7 +130,7 @@ class Gateway:
         if cached is None or cached[0] != key:
             record = {"vllm_version": self.vllm_version, **self.provenance.get(model, {}),
                       **self.pool.engine_record(model)}
-            cached = (key, record, header_value(record))
+            cached = (key, record, {"x-onecard-model": model, "x-onecard-provenance": header_value(record)})
             self._records[model] = cached
         return cached[1]
 
@@ -138,8 +139,9 @@ class Gateway:
         self._records.clear()
 
     def response_headers(self, model: str) -> dict[str, str]:
+        """The headers every answer of ``model`` carries (one dict per engine process: read, never change)."""
         self.record(model)
-        return {"x-onecard-model": model, "x-onecard-provenance": self._records[model][2]}
+        return self._records[model][2]
 
     def model_cards(self) -> list[dict[str, Any]]:
         """Every model, alias and adapter, OpenAI-shaped, with state and footprint in ``onecard``."""

@@ -32,6 +32,10 @@ router = APIRouter()
 
 #: Builds the call for a route whose body is not a chat-style JSON object (see gateway.api.vllm_routes).
 Builder = Callable[[Gateway, Request, bytes], Awaitable[tuple[Call, Target]]]
+#: The relayed JSON routes, served by :class:`gateway.api.relay_asgi.RelayRoutes` (path -> whether the gateway
+#: counts the tokens of the answer); the FastAPI routes below describe them in the OpenAPI schema.
+RELAYED: dict[str, bool] = {"/v1/chat/completions": True, "/v1/completions": True, "/v1/embeddings": False,
+                            "/tokenize": False, "/detokenize": False}
 #: Routes whose vLLM request takes ``priority`` (chat, completions, pooling: ``priority: int = 0`` in
 #: vllm/entrypoints/openai/chat_completion/protocol.py, completion/protocol.py, pooling/base/protocol.py).
 PRIORITY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
