@@ -24,14 +24,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-import orjson
 from starlette.responses import Response, StreamingResponse
 
 from engines.pool import Upstream
 from gateway.disconnect import ClientGone
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
-from gateway.usage_events import UsageFilter
+from gateway.usage_events import UsageFilter, usage_of
 
 HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"date", b"server", b"te", b"trailer",
@@ -221,11 +220,8 @@ class Proxy:
     def _account_body(self, call: Call, status: int, body: bytes) -> None:
         duration = time.perf_counter() - call.started
         self.metrics.observe_request(call.model, str(status), duration)
-        if status == 200 and b'"usage"' in body:
-            try:
-                usage = orjson.loads(body).get("usage")
-            except (orjson.JSONDecodeError, AttributeError):
-                usage = None
+        if status == 200:
+            usage = usage_of(body)
             if isinstance(usage, dict):
                 if call.on_tokens is not None:
                     call.on_tokens(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))

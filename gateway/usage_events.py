@@ -37,6 +37,62 @@ AFTER_FINGERPRINT: Final = {
 }
 
 
+#: The key of a response's usage object (compact JSON; escaped inside strings, so only the key matches).
+USAGE_KEY: Final = b'"usage":'
+
+
+def usage_of(body: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of a whole JSON answer, parsed alone: an answer with logprobs can be megabytes,
+    and only these few numbers are counted. Anything unexpected falls back to parsing the whole body.
+
+    >>> usage_of(b'{"id":"x","choices":[{"text":"say \\\\"usage\\\\":{}"}],"usage":{"prompt_tokens":3,"total_tokens":5,'
+    ...          b'"completion_tokens":2,"prompt_tokens_details":null},"kv_transfer_params":null}')
+    {'prompt_tokens': 3, 'total_tokens': 5, 'completion_tokens': 2, 'prompt_tokens_details': None}
+    >>> usage_of(b'{"usage":null}') is None
+    True
+    """
+    at = body.rfind(USAGE_KEY)
+    if at < 0:
+        return None
+    start = at + len(USAGE_KEY)
+    if body.startswith(b"null", start):
+        return None
+    end = _object_end(body, start) if body.startswith(b"{", start) else -1
+    if end > 0:
+        try:
+            found = orjson.loads(body[start:end])
+        except orjson.JSONDecodeError:
+            found = None
+        if isinstance(found, dict):
+            return found
+    try:
+        whole = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = whole.get("usage") if isinstance(whole, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+def _object_end(body: bytes, start: int, *, limit: int = 4096) -> int:
+    """Where the JSON object opening at ``start`` ends (one past its ``}``), looking at most ``limit``
+    bytes (a usage object is a few hundred); -1 if not found there."""
+    depth, i, stop = 0, start, min(len(body), start + limit)
+    while i < stop:
+        c = body[i]
+        if c == 0x22:  # a string: skip to its closing quote, past escaped ones
+            i += 1
+            while i < stop and body[i] != 0x22:
+                i += 2 if body[i] == 0x5C else 1
+        elif c == 0x7B:
+            depth += 1
+        elif c == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return -1
+
+
 def stamp_fingerprint(event: bytes, fingerprint: str) -> bytes:
     """``event`` (``data: {...}``) with ``"system_fingerprint"`` where vLLM's serializer puts it: after
     ``choices`` and ``usage``, before the fields declared after it. Unchanged if it already has one or is
