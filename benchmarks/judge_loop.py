@@ -266,7 +266,7 @@ def calibrate_spawn(tmp: Path, tries: int = 5) -> float:
     registry = write_registry(folder / "registry.yaml", [standin_model("probe")],
                               executable=standin_executable(folder), budget_gib=BUDGET_GIB)
     with running_gateway(registry, folder / "run") as server:
-        manager = server.gw.manager
+        manager = server.gw.pool.owner
         for _ in range(tries):
             server.call(manager.load("probe"))
             server.call(manager.unload("probe"))
@@ -288,7 +288,7 @@ def write_bench_registry(folder: Path, *, policy: str, scale: float, spawn_s: fl
 def record_waits(server: ServerThread) -> list[float]:
     """Wrap the manager's ``queue_waited`` event (the one the queue-wait histogram is fed from)."""
     waits: list[float] = []
-    events = server.gw.manager.events
+    events = server.gw.pool.owner.events
     observe = events.queue_waited
 
     def queue_waited(model: str, seconds: float) -> None:
@@ -328,7 +328,7 @@ def run_one(policy: str, workload: str, items: list[Item], *, workers: int, scal
                 return client, t0, t1, metrics
 
         client, t0, t1, metrics_text = asyncio.run(drive())
-        manager = server.gw.manager
+        manager = server.gw.pool.owner
         records = list(manager.swaps)
         starts = {name: list(e.start_seconds) for name, e in manager.engines.items()}
     sent = client.sent

@@ -312,12 +312,12 @@ class Lab:
 
 def sample(server: ServerThread, day: Day, t0: float, stop: threading.Event, every: float) -> None:
     """The card over time: which models are resident, and whether it idles while a request waits."""
-    manager = server.gw.manager
+    manager = server.gw.pool.owner
     while not stop.wait(every):
         engines = list(manager.engines.items())
         resident = [n for n, e in engines if e.state in (EngineState.READY, EngineState.STARTING)]
         busy = any(e.in_flight for _, e in engines)
-        waiting = any(manager.queues[n] for n, _ in engines)
+        waiting = any(manager.admission.queues[n] for n, _ in engines)
         day.timeline.append((time.monotonic() - t0, resident, waiting and not busy))
 
 
@@ -337,11 +337,11 @@ def run_policy(
     with running_gateway(registry, folder / "run", users_path=folder / "users.yaml") as server:
         # The owner task looks at the waits once a second (and at every arrival and release); on a clock
         # compressed 50x that would be 50 lab seconds, so it looks as often in lab time as it does for real.
-        server.gw.manager._tick_s = max(0.01, scale)
+        server.gw.pool.owner._tick_s = max(0.01, scale)
         if policy == "fifo":
-            server.gw.manager.policy = decide_fifo
+            server.gw.pool.owner.policy = decide_fifo
         elif policy == "on-demand":
-            server.gw.manager.policy = decide_on_demand
+            server.gw.pool.owner.policy = decide_on_demand
         lab = Lab(server, keys, scale, seed, ledger)
         stop = threading.Event()
         every = 0.05
@@ -352,7 +352,7 @@ def run_policy(
         finally:
             stop.set()
             sampler.join()
-        records = list(server.gw.manager.swaps)
+        records = list(server.gw.pool.owner.swaps)
     day.swaps = sum(1 for r in records if r.evicted)
     day.wakes = sum(1 for r in records if r.kind == "wake")
     day.cold_starts = sum(1 for r in records if r.kind != "wake")

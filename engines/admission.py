@@ -30,7 +30,7 @@ from engines.state import EngineState
 
 if TYPE_CHECKING:
     from engines.engine import Engine
-    from engines.manager import ManagerEvents
+    from engines.events import ManagerEvents
 
 
 @dataclass

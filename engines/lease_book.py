@@ -22,7 +22,7 @@ from engines.leases import DEFAULT_TTL_S, Lease, restorable
 from engines.leftovers import StateFile
 
 if TYPE_CHECKING:
-    from engines.manager import ManagerEvents
+    from engines.events import ManagerEvents
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ released, when its holder process exits (checked every tick), or when its holder
 there: every lease has a TTL that heartbeats renew (``onecard lease`` sends them while its command
 runs). A restart keeps a saved lease only while its holder lives and its TTL has not run out::
 
-    lease = await manager.grant_lease(gib=12, holder_pid=os.getpid(), label="train.py", ttl_s=60)
-    await manager.heartbeat_lease(lease.lease_id)    # every ttl_s / 3 or so
-    await manager.release_lease(lease.lease_id)
+    lease = await pool.submit(GrantLease(gib=12, holder_pid=os.getpid(), label="train.py", ttl_s=60))
+    await pool.submit(HeartbeatLease(lease.lease_id))    # every ttl_s / 3 or so
+    await pool.submit(ReleaseLease(lease.lease_id))
 """
 
 from __future__ import annotations

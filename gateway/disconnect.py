@@ -7,7 +7,7 @@ body has been read (uvicorn then answers ``receive()`` only with ``http.disconne
 
     watch = DisconnectWatch(request.receive)
     try:
-        engine = await watch.race(manager.wait(model, waiter))   # ClientGone if the client hangs up first
+        upstream = await watch.race(reservation.ready())   # ClientGone if the client hangs up first
     finally:
         watch.close()
 """

@@ -125,7 +125,7 @@ def test_adapter_files_linked_to_devices_are_refused_unread(tmp_path: Path) -> N
 
 def test_adapter_name_with_a_newline_and_a_folder_linked_outside_are_refused(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="engines.manager")
+    caplog.set_level(logging.WARNING, logger="engines.catalogue")
     watch = tmp_path / "adapters"
     write_adapter(watch / "good", base="standin/alpha")
     write_adapter(watch / "tuesday\n", base="standin/alpha")

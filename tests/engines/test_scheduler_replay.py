@@ -1,6 +1,7 @@
 """Judge/candidate workloads replayed through the swap policies on a virtual clock (no processes, no sleeps).
 
-A small discrete-event model of :class:`engines.manager.EngineManager`: the same fast path (a resident,
+A small discrete-event model of the engine owner (:mod:`engines.manager`, :mod:`engines.admission`): the
+same fast path (a resident,
 admitting model with nobody queued serves at once), the same owner step (views -> policy -> drain, admit,
 swap), the owner blocked while a swap runs, a kick on every enqueue and on every engine going idle, and a
 periodic tick. Times are real-world seconds (an 8B candidate and a 70B judge on one card); the stand-in
@@ -83,7 +84,7 @@ class Sim:
         if self.outstanding:
             self.at(self.now + self.tick_s, self.tick)
 
-    # --- the request path (EngineManager.try_acquire / enqueue / release) ---
+    # --- the request path (Admission.try_acquire / enqueue / release) ---
     def request(self, model: str, then: Callable[[], None]) -> None:
         self.outstanding += 1
         e = self.engines[model]
@@ -109,7 +110,7 @@ class Sim:
 
         self.at(self.now + service_s(model, self.rng), done)
 
-    # --- the owner task (EngineManager._run / step / _swap_in) ---
+    # --- the owner task (EngineManager._run / step / _decide / _swap_in) ---
     def kick(self) -> None:
         if not self.kicked:
             self.kicked = True

@@ -204,7 +204,7 @@ async def test_gpu_readings_are_shared_between_polls() -> None:
     probe = CountingProbe(dataclasses.replace(CARD, process_memory_bytes={me: 8 * GIB}))
     cache = GpuCache(every_s=1.0, clock=lambda: now[0])
     first = await cache.read(probe, {"alpha": me})
-    assert probe.reads == 2  # the card, then the engine's process tree (engines.manager.engine_gpu_bytes)
+    assert probe.reads == 2  # the card, then the engine's process tree (engines.gpu.engine_gpu_bytes)
     assert first.engine_bytes == {"alpha": 8 * GIB}
     assert await cache.read(probe, {"alpha": me}) is first
     now[0] += 1.0
