@@ -24,8 +24,8 @@ from engines.deadlines import await_admission, queue_expired
 from engines.errors import CapacityError, OnecardError, QueueFull, UserLimit
 from engines.people import ANONYMOUS, UserClass
 from engines.planner import Verdict
-from engines.scheduler import queue_bound_s
-from engines.shares import Shares
+from engines.scheduler import EngineView, queue_bound_s
+from engines.shares import Shares, class_waits
 from engines.state import EngineState
 
 if TYPE_CHECKING:
@@ -178,3 +178,23 @@ class Admission:
             if not w.future.done():
                 w.future.set_exception(err)
         self.events.queue_changed(name, 0)
+
+    def views(self, *, sleep_frees: bool, now: float | None = None) -> list[EngineView]:
+        """What the pure policy sees. A draining engine is shown as a ready one that admits nobody;
+        ``sleep_frees``: whether a sleeping engine gives its memory back (not on the CPU)."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for name, e in self.engines.items():
+            q = self.queues[name]
+            state = EngineState.READY if e.state is EngineState.DRAINING else e.state
+            occupies = state in (EngineState.READY, EngineState.STARTING, EngineState.STOPPING) or (
+                state is EngineState.SLEEPING and not sleep_frees)
+            out.append(EngineView(
+                name=name, state=state, in_flight=e.in_flight, queued=len(q),
+                oldest_wait_s=(now - q[0].since) if q else 0.0, pinned=e.spec.pinned, occupies_memory=occupies,
+                # what bringing it back would cost: a wake where eviction is a sleep, else a cold start
+                return_cost_s=(e.expected_wake_s() if sleep_frees and e.spec.sleep_level > 0
+                               else e.expected_start_s()),
+                idle_s=(now - e.last_used) if e.in_flight == 0 else 0.0,
+                draining=e.state is EngineState.DRAINING, class_waits=class_waits(q, now)))
+        return out

@@ -411,7 +411,8 @@ class Engine:
             except (httpx.HTTPError, NotReady) as e:
                 err = EngineError(f"model {self.name}: wake from sleep failed: {e}", model=self.name,
                                   log_tail=self.failure_lines(30))
-                self._fail(err, expected=EngineState.SLEEPING)
+                if self.state is EngineState.SLEEPING:  # else it died meanwhile and the watch has said so
+                    self._fail(err, expected=EngineState.SLEEPING)
                 await self._cleanup_process()
                 raise err from e
             self.wake_seconds.append(time.monotonic() - t0)

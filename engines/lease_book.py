@@ -36,6 +36,7 @@ class LeaseBook:
         self.lease: Lease | None = None
         self.reserved_gib = 0.0
         self.ttl_s = DEFAULT_TTL_S
+        self.granting = False  # reserved, its evictions still running
         self.freed = asyncio.Event()
 
     async def restore(self) -> None:
@@ -81,11 +82,13 @@ class LeaseBook:
     def reserve(self, lease: Lease) -> None:
         """Hold ``lease``'s memory from now on (before its evictions, so nothing is loaded into it)."""
         self.lease, self.reserved_gib = lease, lease.gib
+        self.granting = True
         self.freed.clear()
 
     def granted(self, evicted: tuple[str, ...]) -> Lease:
         """The reserved lease, its evictions done: saved, announced, its TTL running from now."""
         assert self.lease is not None
+        self.granting = False
         lease = self.lease = dataclasses.replace(self.lease, evicted=evicted).renewed(self.wall_clock())
         self.state_file.set_section("lease", lease.as_dict())
         self.events.lease_changed(True, lease.gib)
@@ -99,6 +102,7 @@ class LeaseBook:
             raise LeaseError(f"no active lease {lease_id[:64]!r}")
         self.lease = None
         self.reserved_gib = 0.0
+        self.granting = False
         self.state_file.set_section("lease", None)
         self.freed.set()
         self.events.lease_changed(False, 0.0)
@@ -117,7 +121,7 @@ class LeaseBook:
     async def due(self) -> tuple[Lease, str] | None:
         """The lease that must end now, and why: its TTL ran out, or its holder is gone."""
         lease = self.lease
-        if lease is None:
+        if lease is None or self.granting:  # its evictions run; its TTL starts once granted
             return None
         if lease.expired(self.wall_clock()):
             return lease, f"no heartbeat for {lease.ttl_s:g} s"

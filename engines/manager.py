@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -46,7 +47,7 @@ from engines.planner import Plan, plan_registry
 from engines.registry import Registry
 from engines.report import SwapRecord
 from engines.scheduler import POLICIES, Decision, EngineView, idle_expired, victims_for_room
-from engines.shares import Shares, class_waits
+from engines.shares import Shares
 from engines.state import EngineState, wait_event
 from engines.vllm import LaunchConfig
 
@@ -112,7 +113,8 @@ class EngineManager:
         self._target: str | None = None  # the model the swap makes resident
         self._swap_models: frozenset[str] = frozenset()  # its target and its victims
         self.ops = ModelOps(kick=self.kick)  # per model: a stop or a sleep in progress
-        self._tasks: set[asyncio.Task[Any]] = set()  # everything else the owner started (loads, grants, watch)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False  # everything else the owner started (loads, grants, watch)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class EngineManager:
             log.error("pinned model %s could not be loaded: %s", model, e.message)
 
     async def close(self) -> None:
+        self._closed = True
         for task in (self._owner, self._swap, *self.ops.running.values(), *self._tasks):
             if task is not None:
                 task.cancel()
@@ -204,6 +207,9 @@ class EngineManager:
     def submit(self, command: Command) -> asyncio.Future[Any]:
         """Hand ``command`` to the owner task; the future gives its outcome (or its OnecardError)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            fut.set_exception(CapacityError(f"the gateway is shutting down; {command} was not carried out"))
+            return fut
         self._commands.append((command, fut))
         self._kick.set()
         return fut
@@ -220,12 +226,12 @@ class EngineManager:
             case Load(model) | Wake(model):
                 forward(self._spawn(self._hold_once(model), f"load-{model}"), fut)
             case Unload(model):
-                forward(self._op(model, self.engines[model].stop()), fut)
+                forward(self.ops.run(model, self.engines[model].stop()), fut)
             case Sleep(model, level):
                 if not self.launch.sleep_supported:
                     log.info("sleep on %s: the platform has no sleep mode that frees memory; the engine keeps "
                              "its memory", model)
-                forward(self._op(model, self.engines[model].sleep(level)), fut)
+                forward(self.ops.run(model, self.engines[model].sleep(level)), fut)
             case GrantLease():
                 forward(self._spawn(self._grant(command), "grant-lease"), fut)
             case ReleaseLease(lease_id, reason):
@@ -236,9 +242,6 @@ class EngineManager:
     async def _hold_once(self, model: str) -> None:
         async with self.slot(model):
             pass
-
-    def _op(self, model: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        return self.ops.run(model, work)
 
     async def _grant(self, req: GrantLease) -> Lease:
         """Reserve memory for a lease, evicting what must go; with ``wait``, first wait for the active one."""
@@ -254,17 +257,31 @@ class EngineManager:
             await wait_event(self.leases.freed, max(0.1, deadline - time.monotonic()))
             if self.leases.lease is not None and time.monotonic() >= deadline:
                 raise LeaseError("timed out waiting for the active lease to end")
+        if self.leases.lease is not None:
+            raise LeaseError(f"lease {self.leases.lease.lease_id} was granted first; retry after it ends")
         lease = Lease.new(gib=want, holder_pid=req.holder_pid, label=req.label, ttl_s=req.ttl_s or self.leases.ttl_s,
                           now=self.leases.wall_clock(), user=req.user)
         self.leases.reserved_gib = want
-        victims = victims_for_room(self.views(), self.fits)
-        if victims is None:  # cannot happen after the pinned check, but never leave a half-granted lease
+        # A swap under way keeps its target: counted as resident (it may still be stopped or asleep), never evicted.
+        target = self._target if self._swap is not None else None
+        views = [dataclasses.replace(v, occupies_memory=True, pinned=True) if v.name == target else v
+                 for v in self.views()]
+        victims = victims_for_room(views, self.fits)
+        if victims is None:  # never leave a half-granted lease
             self.leases.reserved_gib = 0.0
-            raise LeaseError("no set of unpinned engines frees enough memory for this lease")
+            raise LeaseError("no set of unpinned engines frees enough memory for this lease" +
+                             (f" while {target} is being made resident; retry after" if target else ""))
         self.leases.reserve(lease)
         for v in victims:
             log.info("lease %s: evicting %s to free memory", lease.lease_id, v)
-        await asyncio.gather(*(self._op(v, self.engines[v].stop()) for v in victims))
+        try:
+            await asyncio.gather(*(self.ops.run(v, self.engines[v].stop()) for v in victims))
+        except BaseException:
+            if self.leases.lease is lease:  # never leave a half-granted lease holding memory
+                self.leases.release(lease.lease_id, reason="its evictions failed")
+            raise
+        if self.leases.lease is not lease:
+            raise LeaseError(f"lease {lease.lease_id} ended while its evictions ran (its holder is gone)")
         return self.leases.granted(tuple(victims))
 
     async def _unload_adapter(self, model: str, adapter: str) -> None:
@@ -283,23 +300,7 @@ class EngineManager:
         return self.plan.can_coreside(set(names)) and total <= self.plan.usable_gib - self.leases.reserved_gib
 
     def views(self, now: float | None = None) -> list[EngineView]:
-        """What the pure policy sees. A draining engine is shown as a ready one that admits nobody."""
-        now = time.monotonic() if now is None else now
-        out = []
-        for name, e in self.engines.items():
-            q = self.admission.queues[name]
-            state = EngineState.READY if e.state is EngineState.DRAINING else e.state
-            occupies = state in (EngineState.READY, EngineState.STARTING, EngineState.STOPPING) or (
-                state is EngineState.SLEEPING and not self.launch.sleep_supported)
-            out.append(EngineView(
-                name=name, state=state, in_flight=e.in_flight, queued=len(q),
-                oldest_wait_s=(now - q[0].since) if q else 0.0, pinned=e.spec.pinned, occupies_memory=occupies,
-                # what bringing it back would cost: a wake where eviction is a sleep, else a cold start
-                return_cost_s=(e.expected_wake_s() if self.launch.sleep_supported and e.spec.sleep_level > 0
-                               else e.expected_start_s()),
-                idle_s=(now - e.last_used) if e.in_flight == 0 else 0.0,
-                draining=e.state is EngineState.DRAINING, class_waits=class_waits(q, now)))
-        return out
+        return self.admission.views(sleep_frees=self.launch.sleep_supported, now=now)
 
     async def _run(self) -> None:
         while True:
@@ -328,7 +329,7 @@ class EngineManager:
                 continue
             try:
                 self._carry_out(command, fut)
-            except OnecardError as e:
+            except Exception as e:  # an unknown model, say: the caller hears of it, the owner carries on
                 fut.set_exception(e)
         self._decide()
 
@@ -373,7 +374,7 @@ class EngineManager:
             if v.name not in busy and not v.draining and idle_expired(v, engine.spec.idle_ttl_s):
                 log.info("model %s idle for %.0f s (ttl %.0f s): %s", v.name, v.idle_s, engine.spec.idle_ttl_s,
                          "sleeping" if self.launch.sleep_supported and engine.spec.sleep_level else "stopping")
-                self._op(v.name, self._evict(v.name))
+                self.ops.run(v.name, self._evict(v.name))
 
     # --- the swap -----------------------------------------------------------------------------------
 
@@ -429,7 +430,8 @@ class EngineManager:
         self.events.swapped(name, kind, seconds, reason)
         if causer is not None:
             self.events.swap_caused(name, causer)
-        self.admission.admit_all(name)
+        if engine.state is EngineState.READY:  # not stopped meanwhile (an unload, a lease)
+            self.admission.admit_all(name)
 
     async def _measure(self, engine: Engine) -> None:
         """After a load, the engine's real GPU memory (NVML, its whole process tree) replaces the estimate."""

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from engines.aio import settle
+from engines.aio import logged, settle
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ class ModelOps:
         def done(t: asyncio.Task[None]) -> None:
             if self.running.get(model) is t:
                 del self.running[model]
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                logged(exc, f"an operation on {model}", logger=log)
             self.kick()
 
         task.add_done_callback(done)

@@ -208,7 +208,7 @@ class EnginePool:
 
     def snapshot(self, *, planned_args: bool = False) -> Snapshot:
         """A frozen view of every engine. ``planned_args``: include the flags a stopped engine would start
-        with (reads local checkpoints' config.json; for the console, not for every request)."""
+        with (worked out anew each time: for the console, not for every request)."""
         owner, now = self.owner, time.monotonic()
         queues = owner.admission.queues
         return Snapshot(

@@ -110,7 +110,7 @@ async def console_asset(name: str) -> Response:
 @router.get("/console/snapshot")
 async def console_snapshot(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
-    snap = await asyncio.to_thread(gw.pool.snapshot, planned_args=True)  # reads config.json files
+    snap = gw.pool.snapshot(planned_args=True)  # the checkpoints' config.json were read at registry load
     pids = {e.name: e.pid for e in snap.engines if e.pid is not None}
     gpu = await _gpu_cache(request).read(gw.pool.gpu_probe, pids)
     body = snapshot(gw, snap, gpu,

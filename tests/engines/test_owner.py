@@ -109,7 +109,7 @@ async def test_an_admin_unload_of_another_model_completes_during_a_slow_start(
         res = await start_slow(pool)
         t0 = time.monotonic()
         await asyncio.wait_for(pool.submit(Unload("other")), 15)
-        assert pool.state("other") is EngineState.STOPPED and time.monotonic() - t0 < 15
+        assert pool.state("other") is EngineState.STOPPED and time.monotonic() - t0 < 5  # not after the start
         assert pool.state("slow") is EngineState.STARTING
         res.release()
     finally:
@@ -132,7 +132,7 @@ async def test_a_blocked_waiter_gets_its_error_during_a_slow_start(
         t0 = time.monotonic()
         with pytest.raises(CapacityError, match="cannot be made resident now"):
             await asyncio.wait_for(waiter.ready(), 15)
-        assert time.monotonic() - t0 < 15 and pool.state("slow") is EngineState.STARTING
+        assert time.monotonic() - t0 < 5 and pool.state("slow") is EngineState.STARTING  # at once
         res.release()
     finally:
         if holder.returncode is None:
