@@ -1,5 +1,5 @@
 """``create_app(settings)``: the FastAPI app. The lifespan opens the shared httpx client (control plane),
-the shared aiohttp session (data path), the metrics and the engine manager, and closes them in reverse
+the shared engine client (data path), the metrics and the engine manager, and closes them in reverse
 order (stopping every engine first).
 
 ::
@@ -16,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 
-import aiohttp
 import httpx
 import orjson
 from fastapi import FastAPI, Request
@@ -43,6 +42,7 @@ from gateway.api.relay_asgi import RelayRoutes
 from gateway.auth import KeyAuth
 from gateway.bodies import AdminBodyLimit, BodyParser
 from gateway.context import Admission, Gateway, MetricsEvents
+from gateway.engine_http import EngineClient
 from gateway.errors import BadRequest, error_body, error_response
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -81,28 +81,22 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
                              trust_env=False)
 
 
-def make_session(settings: Settings) -> aiohttp.ClientSession:
-    """The data path's one shared session: client requests relayed to the engines (:class:`Proxy`).
+def make_session(settings: Settings) -> EngineClient:
+    """The data path's one shared client: client requests relayed to the engines (:class:`Proxy`).
 
-    aiohttp, not httpx, because its C parser reads an SSE event for 3-7 us of CPU where httpx's reader
-    (httpcore, h11, anyio) spends 15-25 us (benchmarks/README.md, gateway_overhead).
+    :mod:`gateway.engine_http`, not aiohttp's or httpx's client, because it costs a third of aiohttp's
+    CPU per relayed request (benchmarks/README.md, gateway_overhead).
 
     - Limits: at most ``settings.max_connections`` connections in use, over all engines (a request
       waits for a free one, without limit); idle ones are kept :data:`ENGINE_KEEPALIVE_S` seconds.
     - Timeouts: ``upstream_connect_timeout_s`` to open a connection; ``upstream_read_timeout_s`` for
       each read (the response head, then every piece of the body); no limit on a whole request, so
       a stream lasts as long as the engine generates. Either timeout is a 502 "did not answer in time".
-    - Faithful relay: no proxies from the environment, no cookie jar (one engine's cookies must not
-      travel with later requests), no decompression, and none of aiohttp's own User-Agent or
-      Accept-Encoding headers.
+    - Faithful relay: no proxies from the environment, no cookies, no decompression, and no headers of
+      its own beyond Host, Content-Type, Content-Length and Accept.
     """
-    connector = aiohttp.TCPConnector(limit=settings.max_connections, limit_per_host=0,
-                                     keepalive_timeout=ENGINE_KEEPALIVE_S)
-    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=settings.upstream_connect_timeout_s,
-                                    sock_read=settings.upstream_read_timeout_s)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, trust_env=False,
-                                 cookie_jar=aiohttp.DummyCookieJar(),
-                                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
+    return EngineClient(limit=settings.max_connections, connect_timeout=settings.upstream_connect_timeout_s,
+                        read_timeout=settings.upstream_read_timeout_s, keepalive_s=ENGINE_KEEPALIVE_S)
 
 
 def create_app(settings: Settings, *, registry: Registry | None = None, gpu_probe: GpuProbe | None = None) -> FastAPI:

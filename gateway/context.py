@@ -10,13 +10,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import httpx
 
 from engines.errors import EngineError
 from engines.pool import EnginePool, EngineState, ManagerEvents, header_value
 from engines.registry import Registry, Target
 from gateway.bodies import BodyParser
+from gateway.engine_http import EngineClient
 from gateway.errors import Overloaded
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -102,7 +102,7 @@ class Gateway:
     settings: Settings
     registry: Registry
     client: httpx.AsyncClient  # control plane: health, probes, sleep/wake, LoRA, metrics scrape
-    session: aiohttp.ClientSession  # data path: client requests relayed by the proxy
+    session: EngineClient  # data path: client requests relayed by the proxy
     metrics: Metrics
     pool: EnginePool  # the one door into the engines
     proxy: Proxy

@@ -2,11 +2,11 @@
 
 ::
 
-    proxy = Proxy(session, metrics)                # session: the app's shared aiohttp.ClientSession
+    proxy = Proxy(client, metrics)                 # client: the app's shared gateway.engine_http.EngineClient
     response = await proxy.forward(call, upstream, release)   # call: what the handler parsed; upstream: the engine
 
-The data path runs on aiohttp (its C parser reads an SSE event for a few microseconds of CPU, where
-httpx's reader spends 15-25; see benchmarks/README.md); the control plane (health, sleep/wake, LoRA,
+The data path runs on :mod:`gateway.engine_http` (keep-alive connections read by llhttp through
+httptools; see benchmarks/README.md for what it saves); the control plane (health, sleep/wake, LoRA,
 metrics) keeps httpx. Streams are relayed event by event, never buffered; when the client goes away,
 Starlette cancels the relay and ``finally`` closes the upstream connection, so the engine aborts the
 request too; a non-stream request whose client hangs up is closed the same way. When the gateway
@@ -23,11 +23,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from engines.pool import Upstream
 from gateway.disconnect import ClientGone
+from gateway.engine_http import EngineClient, EngineResponse
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
 from gateway.usage_events import UsageFilter, usage_of
@@ -37,11 +37,9 @@ HOP_BY_HOP = frozenset(
      b"upgrade", b"proxy-authenticate", b"proxy-authorization"}
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-#: What the gateway sends with every body (aiohttp adds Host and Content-Length; the session skips its
-#: own User-Agent and Accept-Encoding).
-REQUEST_HEADERS = {"Content-Type": "application/json", "Accept": "*/*"}
-#: The errors of a failed engine call: aiohttp's, and its timeouts (all subclasses of TimeoutError).
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+#: The errors of a failed engine call: the connection's (gateway.engine_http's are ConnectionErrors) and
+#: its timeouts.
+UPSTREAM_ERRORS = (OSError, TimeoutError)
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +74,7 @@ class StreamStats:
     usage: dict[str, int] | None = None
 
 
-def upstream_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
+def upstream_headers(upstream: EngineResponse, extra: dict[str, str]) -> list[tuple[bytes, bytes]]:
     """The engine's response headers as sent (names lower-cased), less hop-by-hop ones and those that
     ``extra`` replaces, then ``extra``."""
     added = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
@@ -84,21 +82,18 @@ def upstream_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) ->
     return [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in skip] + added
 
 
-def finish(upstream: aiohttp.ClientResponse) -> None:
+def finish(upstream: EngineResponse) -> None:
     """Hand the connection back to the pool when the body was read to its end; otherwise close it,
     which is how the engine learns that nobody is listening any more (it aborts the request)."""
-    if upstream.content.at_eof():
-        upstream.release()
-    else:
-        upstream.close()
+    upstream.release()
 
 
 class Proxy:
-    """Relays calls to engines over the app's shared ``aiohttp.ClientSession`` (see
+    """Relays calls to engines over the app's shared :class:`EngineClient` (see
     :func:`gateway.app.make_session` for its limits and timeouts). Bodies go out as given and come
     back as the raw bytes the engine sent, never decoded or decompressed."""
 
-    def __init__(self, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(self, session: EngineClient, metrics: Metrics) -> None:
         self.session = session
         self.metrics = metrics
         self._fingerprints: dict[str, tuple[str | None, str]] = {}  # model -> (engine id, its fingerprint)
@@ -136,17 +131,15 @@ class Proxy:
             gone.remove_done_callback(hung_up)
 
     async def _forward(self, call: Call, engine: Upstream, release: Callable[[], None]) -> Response:
-        url = engine.base_url + call.path + ("?" + call.query if call.query else "")
-        headers = REQUEST_HEADERS if call.content_type == "application/json" else {
-            **REQUEST_HEADERS, "Content-Type": call.content_type}
         try:
-            upstream = await self.session.request(call.method, url, data=call.body or None, headers=headers)
+            upstream = await self.session.request(call.method, engine.base_url, call.path, call.query,
+                                                  body=call.body, content_type=call.content_type)
         except UPSTREAM_ERRORS as e:
             release()
             return await self._fail(call, engine, e)
-        if not call.stream or upstream.status != 200 or not upstream.headers.get(
-            "content-type", ""
-        ).startswith("text/event-stream"):
+        if not call.stream or upstream.status != 200 or not (upstream.header(b"content-type") or b"").startswith(
+            b"text/event-stream"
+        ):
             failure: Exception | None = None
             try:
                 body = await upstream.read()
@@ -170,7 +163,7 @@ class Proxy:
         return response
 
     async def relay(
-        self, call: Call, engine: Upstream, upstream: aiohttp.ClientResponse, release: Callable[[], None]
+        self, call: Call, engine: Upstream, upstream: EngineResponse, release: Callable[[], None]
     ) -> AsyncIterator[bytes]:
         """Yield the engine's SSE bytes as they arrive; account tokens; always close and release."""
         stats = StreamStats()
@@ -181,7 +174,7 @@ class Proxy:
         pending = b""
         try:
             try:
-                async for chunk in upstream.content.iter_any():  # the raw bytes, as they come
+                async for chunk in upstream:  # the raw bytes, as they come
                     now = time.perf_counter()
                     if stats.first_token_at is None:
                         stats.first_token_at = now
