@@ -144,7 +144,10 @@ class Admission:
     def release(self, engine: Engine, user: str = ANONYMOUS) -> None:
         engine.release()
         self.shares.finished(user)
-        if engine.in_flight == 0 or self.queues[engine.name]:  # waiters held by their user's limit may go
+        # Waiters held by their user's limit may go; an idle engine may let a waiting swap or drain go on.
+        # An idle ready engine with nobody waiting anywhere changes no decision (idle expiry is on ticks).
+        if self.queues[engine.name] or (engine.in_flight == 0 and (
+                engine.state is not EngineState.READY or any(self.queues.values()))):
             self.kick()
 
     def expected_wait_s(self, model: str) -> float:

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from engines.admission import Admission, Waiter
-from engines.aio import settle
+from engines.aio import Signal, settle
 from engines.catalogue import AdapterCatalogue
 from engines.commands import Command, GrantLease, HeartbeatLease, Load, ReleaseLease, Sleep, Unload, Wake
 from engines.engine import Engine, RestartPolicy
@@ -106,7 +106,7 @@ class EngineManager:
         self.leases = LeaseBook(self.state_file, self.events, wall_clock=wall_clock)
         self.catalogue = AdapterCatalogue(registry)
         self._tick_s = tick_s
-        self._kick = asyncio.Event()
+        self._kick = Signal()
         self._commands: deque[tuple[Command, asyncio.Future[Any]]] = deque()
         self._owner: asyncio.Task[None] | None = None
         self._swap: asyncio.Task[None] | None = None
@@ -314,7 +314,7 @@ class EngineManager:
                 log.exception("engine owner: a step was cancelled from inside; carrying on")
             except Exception:
                 log.exception("engine owner: step failed")
-            await wait_event(self._kick, self._tick_s)
+            await self._kick.wait(self._tick_s)
 
     async def step(self) -> None:
         """One turn of the owner: leases, commands, then one decision. Waits on no engine."""

@@ -38,7 +38,7 @@ from engines.pool import (
 from engines.registry import Registry, load_registry
 from gateway import console
 from gateway.api import admin, openai, vllm_routes
-from gateway.api.relay_asgi import RelayRoutes
+from gateway.api.relay_asgi import GatewayApp, RelayRoutes
 from gateway.auth import KeyAuth
 from gateway.bodies import AdminBodyLimit, BodyParser
 from gateway.context import Admission, Gateway, MetricsEvents
@@ -161,7 +161,7 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
 
     # FastAPI's own OpenTelemetry would look its providers up on every request: the gateway exports
     # Prometheus metrics instead.
-    app = FastAPI(title="onecard", version=onecard_version(), lifespan=lifespan,
+    app = GatewayApp(title="onecard", version=onecard_version(), lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False},
                   docs_url=None, redoc_url=None)
     app.include_router(openai.router)
@@ -185,7 +185,10 @@ def create_app(settings: Settings, *, registry: Registry | None = None, gpu_prob
         body, content_type = await asyncio.to_thread(gw.metrics.render)
         return Response(body, media_type=content_type)
 
-    app.add_middleware(RelayRoutes)  # innermost: the key check and the body limits apply to it
+    if settings.cors_origins:  # the relay's answers need CORS headers: it goes through the middleware
+        app.add_middleware(RelayRoutes)  # innermost: the key check and the body limits apply to it
+    else:  # served before the middleware, with the same key check
+        app.relay_gate = KeyAuth(app, settings=settings, people=people)
     app.add_middleware(AdminBodyLimit, limit=settings.max_admin_body_bytes)
     app.add_middleware(KeyAuth, settings=settings, people=people)
     if settings.cors_origins:

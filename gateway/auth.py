@@ -29,6 +29,7 @@ import functools
 import ipaddress
 import socket
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.console import is_public as is_console_page
@@ -109,6 +110,14 @@ class KeyAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        refusal = self.admit(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def admit(self, scope: Scope) -> Response | None:
+        """Let an HTTP request in (its user set in ``scope``), or the error response that refuses it."""
         key = _bearer(scope)
         if self.people.keys_required:
             error = self.check(scope["path"], key)
@@ -118,13 +127,11 @@ class KeyAuth:
             error = self.browser_check(scope) or self.keyless_check(scope)
         if error is None:
             set_user(scope, self.people.who(key))
-        if error is not None:
-            resp = error_response(error)
-            if isinstance(error, Unauthorized):
-                resp.headers["WWW-Authenticate"] = "Bearer"
-            await resp(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+            return None
+        resp = error_response(error)
+        if isinstance(error, Unauthorized):
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
 
     def local_origin(self, scope: Scope) -> str | None:
         """The gateway's own origin as a client on this machine addresses it (scheme and a local ``Host``).

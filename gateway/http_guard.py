@@ -19,6 +19,9 @@ timer per request::
   than the rest of this class).
 - **Body progress**: while a request body is being received, ``timeout_s`` without a byte closes the
   connection (the app sees a disconnect).
+- **Hang-ups, told**: every request's scope carries the connection's ``gone`` future (done when the
+  client's connection is lost) as the ASGI extension :data:`GONE`, so that the relay cancels a request
+  whose client left without a task per request listening on ``receive()`` (:mod:`gateway.disconnect`).
 - **Stalled reader**: a client that leaves the response unread, so the socket's buffers fill and
   writing pauses, for ``timeout_s`` is disconnected (the socket is aborted): a stream's relay stops,
   its upstream request is closed and the engine slot is given back.
@@ -35,6 +38,9 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway.errors import error_body
+
+#: The scope extension holding the connection's future that is done once the client hangs up.
+GONE = "onecard.gone"
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._served = False  # a request on this connection has been received whole
         self._deadline: asyncio.TimerHandle | None = None
         self._stall: asyncio.TimerHandle | None = None
+        self._gone: asyncio.Future[None] = self.loop.create_future()
 
     # --- connection ---------------------------------------------------------------------------------
 
@@ -80,6 +87,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self._deadline = self._stall = None
+        if not self._gone.done():
+            self._gone.set_result(None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -98,6 +107,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]  # uvicorn types its scope narrowly
+        scope["extensions"] = {GONE: self._gone}
         self._in_head = True
         self._head_bytes = 0
         if self._served:

@@ -23,10 +23,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from engines.pool import Upstream
-from gateway.disconnect import ClientGone
+from gateway.disconnect import ClientGone, RelayStream
 from gateway.engine_http import EngineClient, EngineResponse
 from gateway.errors import error_response, sse_error_event
 from gateway.metrics import Metrics
@@ -158,7 +158,7 @@ class Proxy:
             response = Response(body, status_code=upstream.status)
             response.raw_headers += upstream_headers(upstream, call.extra_headers)
             return response
-        response = StreamingResponse(self.relay(call, engine, upstream, release), status_code=200)
+        response = RelayStream(self.relay(call, engine, upstream, release), status_code=200)
         response.raw_headers += upstream_headers(upstream, {**SSE_HEADERS, **call.extra_headers})
         return response
 

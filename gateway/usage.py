@@ -245,11 +245,22 @@ class Usage:
         await asyncio.to_thread(self.db.close)
 
 
+#: The epoch seconds ``since`` may name: the years 1 to 9999, as ISO dates can.
+SINCE_RANGE = (-62135596800.0, 253402300799.0)
+
+
 def parse_since(text: str | None, *, now: float) -> float | None:
     """``since`` as epoch seconds: a number of seconds since the epoch, an ISO date or time (UTC unless it
     says), or a duration back from now (``90m``, ``24h``, ``7d``). ValueError says what it takes."""
     if text is None or not text.strip():
         return None
+    when = _since(text, now=now)
+    if not SINCE_RANGE[0] <= when <= SINCE_RANGE[1]:  # NaN fails this too
+        raise ValueError(f"since={text[:40]!r} is out of range: it must fall in the years 1 to 9999")
+    return when
+
+
+def _since(text: str, *, now: float) -> float:
     t = text.strip()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
     if t[-1:] in units and t[:-1].replace(".", "", 1).isdigit():

@@ -21,7 +21,7 @@ from engines.pool import CLASS_PRIORITY, Reservation, Upstream
 from engines.registry import Target
 from gateway.bodies import check_json_type, read_body
 from gateway.context import Gateway
-from gateway.disconnect import ClientGone, DisconnectWatch
+from gateway.disconnect import ClientGone, DisconnectWatch, RelayStream
 from gateway.errors import UnknownModel, classify, error_response, sse_error_event
 from gateway.progress import HEADER as PROGRESS_HEADER
 from gateway.progress import progress_event, wanted
@@ -94,7 +94,7 @@ async def handle(request: Request, path: str, *, usage: bool = True, build: Buil
     gw = gw_of(request)
     started = time.perf_counter()
     model_label = "_unknown"
-    watch = DisconnectWatch(request.receive)
+    watch = DisconnectWatch(request.receive, request.scope)
     try:
         user = user_of(request.scope)
         klass = class_of(user, request.headers.get(CLASS_HEADER))
@@ -153,7 +153,7 @@ async def dispatch(gw: Gateway, call: Call, target: Target, watch: DisconnectWat
             raise
         if not task.done():
             gw.admission.release()
-            return StreamingResponse(waiting_stream(gw, call, target, task, res), media_type="text/event-stream",
+            return RelayStream(waiting_stream(gw, call, target, task, res), media_type="text/event-stream",
                                      headers={**SSE_HEADERS, **call.extra_headers})
         task.result()  # the queue's error, if it failed
     except BaseException:

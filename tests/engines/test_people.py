@@ -192,6 +192,9 @@ def test_since_takes_dates_epochs_and_durations() -> None:
     assert parse_since("2026-12-01", now=now) == 1796083200.0
     with pytest.raises(ValueError, match="give an ISO date"):
         parse_since("last tuesday", now=now)
+    for wild in ("3.3e22", "nan", "-inf", "99999999999999999999d"):  # SQLite could not take these: a 400, not a 500
+        with pytest.raises(ValueError, match="out of range"):
+            parse_since(wild, now=now)
 
 
 # --- chat before batch: the class bounds in the swap policy ------------------------------------------------

@@ -1,6 +1,7 @@
-"""The proxy's data path (``gateway.proxy.Proxy`` on ``gateway.app.make_session``, a ``gateway.engine_http.EngineClient``) against a bare
-HTTP/1.1 server that records what it receives: what goes out, what comes back, the connection pool,
-timeouts and failures, and the session's place in the app's lifespan."""
+"""The proxy's data path (``gateway.proxy.Proxy`` on ``gateway.app.make_session``, a
+``gateway.engine_http.EngineClient``) against a bare HTTP/1.1 server that records what it receives:
+what goes out, what comes back, the connection pool, timeouts and failures, and the client's place in
+the app's lifespan."""
 
 from __future__ import annotations
 
@@ -326,7 +327,8 @@ async def test_a_refused_connection_is_a_connection_failure() -> None:
     async with proxy() as p:
         slot = Slot()
         err = error_of(await forward(p, url, slot=slot))
-    assert "model m: the connection to the engine failed: EngineConnectError: cannot connect to 127.0.0.1:" in err["message"], err
+    expected = "model m: the connection to the engine failed: EngineConnectError: cannot connect to 127.0.0.1:"
+    assert expected in err["message"], err
     assert slot.released == 1
 
 
@@ -355,7 +357,8 @@ async def test_a_dropped_connection_waits_briefly_for_the_engine_to_exit() -> No
         t0 = time.monotonic()
         err = error_of(await forward(p, url, engine=FakeEngine(url, process=FakeProcess(exits_after=None))))
         assert 0.4 < time.monotonic() - t0 < 2
-        assert "the connection to the engine failed: EngineDisconnected: the engine closed the connection" in err["message"], err
+        expected = "the connection to the engine failed: EngineDisconnected: the engine closed the connection"
+        assert expected in err["message"], err
         err = error_of(await forward(p, url, engine=FakeEngine(url, process=FakeProcess(returncode=1))))
         assert "the engine exited while serving this request" in err["message"], err
 
