@@ -109,7 +109,7 @@ class RelayStream(StreamingResponse):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in body:
-                if not isinstance(chunk, bytes | memoryview):
+                if not isinstance(chunk, (bytes, memoryview)):
                     chunk = chunk.encode(self.charset)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -19,10 +19,14 @@ decoding, no decompression, no cookies, no redirects, no proxies from the enviro
   the engine does not close one as it is being reused), and forgotten as soon as the engine closes it.
 - **Timeouts**: ``connect_timeout`` to open a connection; ``read_timeout`` for each wait on the engine
   (the head, then every piece of the body), counted from the wait's start or the last bytes received,
-  so a stream lasts as long as the engine keeps sending. One timer per request serves all its waits.
+  so a stream lasts as long as the engine keeps sending. One timer per connection serves every wait
+  of every request on it: it is set when a wait finds none, and when it fires early it sets itself
+  again for what is left (a timer made and cancelled per request cost more than the rest of a read).
 - **Failures**: :class:`EngineConnectError` (cannot connect), :class:`EngineDisconnected` (closed or
-  garbled mid-answer), :class:`TimeoutError`; a request cancelled mid-way closes its connection, which is
-  how the engine learns that nobody listens any more (it aborts the request).
+  garbled mid-answer), :class:`TimeoutError`. A reused connection that closes before any byte of an
+  answer was closed by the engine as it was taken: the request goes once more, on a new connection.
+  A request cancelled mid-way closes its connection, which is how the engine learns that nobody
+  listens any more (it aborts the request).
 """
 
 from __future__ import annotations
@@ -70,9 +74,9 @@ class EngineResponse:
         self._eof = False
         self._error: BaseException | None = None
         self._head = False
+        self.began = False  # the engine has started an answer (its first bytes parsed)
         self._waiter: asyncio.Future[None] | None = None
         self._since = 0.0  # loop time of the current wait's start, or of the last bytes received
-        self._timer: asyncio.TimerHandle | None = None
         self._done = False  # released or closed
 
     # --- reading ------------------------------------------------------------------------------------
@@ -125,25 +129,24 @@ class EngineResponse:
         timeout = self._read_timeout
         if timeout is not None:
             self._since = self._loop.time()
-            if self._timer is None:
-                self._timer = self._loop.call_at(self._since + timeout, self._on_timer)
+            self._conn.arm(self._since + timeout)
         try:
             await waiter
         finally:
             self._waiter = None
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._done or self._eof or self._error is not None:
-            return
+    def _check_timeout(self) -> float | None:
+        """From the connection's timer: fail a wait that is overdue; else when to look again (None: not
+        waiting, so no need)."""
+        if self._done or self._eof or self._error is not None or self._waiter is None:
+            return None
         assert self._read_timeout is not None
         due = self._since + self._read_timeout
-        if self._waiter is None or self._loop.time() < due:  # not waiting, or data came meanwhile
-            self._timer = self._loop.call_at(due if self._waiter is not None else
-                                             self._loop.time() + self._read_timeout, self._on_timer)
-            return
+        if self._loop.time() < due:  # bytes came meanwhile
+            return due
         self._fail(TimeoutError(f"the engine sent nothing for {self._read_timeout:g} s"))
         self._conn.abort()
+        return None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -171,20 +174,13 @@ class EngineResponse:
 
     def _on_complete(self) -> None:
         self._eof = True
-        self._cancel_timer()
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
         if self._eof or self._error is not None:
             return
         self._error = error
-        self._cancel_timer()
         self._wake()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # --- the end ------------------------------------------------------------------------------------
 
@@ -193,7 +189,6 @@ class EngineResponse:
         if self._done:
             return
         self._done = True
-        self._cancel_timer()
         self._conn.finished(reuse=self._eof and self._error is None)
 
     def close(self) -> None:
@@ -201,7 +196,6 @@ class EngineResponse:
         if self._done:
             return
         self._done = True
-        self._cancel_timer()
         self._conn.finished(reuse=False)
 
 
@@ -218,6 +212,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport subclass
@@ -231,6 +226,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.client._forget(self)
         resp = self.response
         if resp is not None and resp._head and not resp._eof and self._until_close():
@@ -253,6 +251,8 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.response is None:  # bytes nobody asked for
             self.abort()
+        else:
+            self.response.began = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
@@ -279,6 +279,17 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = resp
         self.transport.write(request)
+
+    def arm(self, due: float) -> None:
+        """Have the read timer look at the response by ``due`` (loop time) at the latest."""
+        if self._timer is None:
+            self._timer = self.loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        again = self.response._check_timeout() if self.response is not None else None
+        if again is not None and not self.closed:
+            self._timer = self.loop.call_at(again, self._on_timer)
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
@@ -353,21 +364,36 @@ class EngineClient:
         if body or method != "GET":
             head += b"Content-Length: %d\r\n" % len(body)
         await self._take_slot()
+        resp: EngineResponse | None = None
         try:
-            conn = self._idle_conn(key) or await self._connect(key)
+            for fresh in (False, True):
+                conn = None if fresh else self._idle_conn(key)
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect(key)
+                resp = EngineResponse(conn, self.read_timeout)
+                conn.send(head + b"\r\n" + body if len(body) < 65536 else head + b"\r\n", resp)
+                if len(body) >= 65536 and conn.transport is not None:
+                    conn.transport.write(body)  # a large body (audio, say) is not copied again
+                try:
+                    await resp._head_in()
+                    return resp
+                except EngineDisconnected:
+                    if not reused or resp.began:
+                        raise
+                # The engine closed the idle connection as it was taken (its keep-alive ran out): it never
+                # read the request, so it goes once more, on a new connection.
+                resp._done = True
+                conn.response = None
+                conn.abort()
+                resp = None
+            raise AssertionError("unreachable: the second attempt returns or raises")
         except BaseException:
-            self._slot_free()
+            if resp is not None:
+                resp.close()  # closes the connection and frees the slot
+            else:
+                self._slot_free()
             raise
-        resp = EngineResponse(conn, self.read_timeout)
-        try:
-            conn.send(head + b"\r\n" + body if len(body) < 65536 else head + b"\r\n", resp)
-            if len(body) >= 65536 and conn.transport is not None:
-                conn.transport.write(body)  # a large body (audio, say) is not copied again
-            await resp._head_in()
-        except BaseException:
-            resp.close()
-            raise
-        return resp
 
     # --- the pool -----------------------------------------------------------------------------------
 

@@ -74,22 +74,16 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
 
 
 def _object_end(body: bytes, start: int, *, limit: int = 4096) -> int:
-    """Where the JSON object opening at ``start`` ends (one past its ``}``), looking at most ``limit``
-    bytes (a usage object is a few hundred); -1 if not found there."""
-    depth, i, stop = 0, start, min(len(body), start + limit)
-    while i < stop:
-        c = body[i]
-        if c == 0x22:  # a string: skip to its closing quote, past escaped ones
-            i += 1
-            while i < stop and body[i] != 0x22:
-                i += 2 if body[i] == 0x5C else 1
-        elif c == 0x7B:
-            depth += 1
-        elif c == 0x7D:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
+    """One past the ``}`` that may close the JSON object opening at ``start``: the first ``}`` at which the
+    braces since ``start`` balance, looking at most ``limit`` bytes (a usage object is a few hundred);
+    -1 if none. Braces inside strings can mislead it, never into a wrong answer: the caller parses what
+    it found, and only a whole JSON object starting at ``start`` parses."""
+    stop = min(len(body), start + limit)
+    end = body.find(b"}", start, stop)
+    while end >= 0:
+        if body.count(b"{", start, end) == body.count(b"}", start, end) + 1:
+            return end + 1
+        end = body.find(b"}", end + 1, stop)
     return -1
 
 

@@ -30,10 +30,12 @@ from gateway.errors import error_response
 log = logging.getLogger(__name__)
 
 
-async def relay(scope: Scope, receive: Receive, send: Send, usage: bool) -> None:
+async def relay(scope: Scope, receive: Receive, send: Send, usage: bool, gate: KeyAuth | None = None) -> None:
+    """Answer one relayed request; with ``gate``, only once the key check lets it in."""
     path: str = scope["path"]
     try:
-        response = await handle(Request(scope, receive), path, usage=usage)
+        refusal = gate.admit(scope) if gate is not None else None
+        response = refusal or await handle(Request(scope, receive), path, usage=usage)
     except Exception as exc:  # what the app's catch-all handler answers: logged, and an OpenAI-shaped 500
         log.exception("unexpected error on %s", path)
         response = error_response(exc)
@@ -67,10 +69,6 @@ class GatewayApp(FastAPI):
             usage = RELAYED.get(scope["path"])
             if usage is not None:
                 scope["app"] = self
-                refusal = gate.admit(scope)
-                if refusal is not None:
-                    await refusal(scope, receive, send)
-                    return
-                await relay(scope, receive, send, usage)
+                await relay(scope, receive, send, usage, gate)
                 return
         await super().__call__(scope, receive, send)

@@ -60,7 +60,10 @@ def decode(token_ids: Sequence[int]) -> str:
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
-    """The prompt text a chat request is tokenized as."""
+    """The prompt text a chat request is tokenized as; a message that is no object is a 400, as vLLM's
+    request validation (pydantic) makes it."""
+    if not all(isinstance(m, Mapping) for m in messages):
+        raise bad_request("Each message must be an object with a `role` and `content`.", "messages")
     text = "".join(f"<|{m.get('role', 'user')}|>\n{message_text(m.get('content'))}\n" for m in messages)
     return text + "<|assistant|>\n" if add_generation_prompt else text
 

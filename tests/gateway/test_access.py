@@ -212,6 +212,12 @@ def test_cors_for_a_configured_origin_only(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
         r = httpx.get(server.url + "/v1/models", headers={"Origin": origin})  # the browser can read the 401
         assert r.status_code == 401 and r.headers["access-control-allow-origin"] == origin
+        # The relayed routes (served apart from FastAPI's routes) answer with CORS headers too.
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope", "messages": []},
+                       headers={"Origin": origin, **bearer(API_KEY)})
+        assert r.status_code == 404 and r.headers["access-control-allow-origin"] == origin
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "nope"}, headers={"Origin": origin})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == origin
         r = preflight(server.url, "https://other.example")
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
         r = httpx.get(server.url + "/v1/models", headers={"Origin": "https://other.example", **bearer(API_KEY)})

@@ -173,3 +173,42 @@ async def test_connection_close_answers_are_not_reused_and_keep_alive_ones_are()
             assert await resp.read() == b"ok"
             resp.release()
         assert connections == 2 and c.in_use == 0
+
+
+async def test_a_reused_connection_dropped_unanswered_is_tried_once_more_on_a_new_one() -> None:
+    """The keep-alive race: the engine closes an idle connection as the gateway takes it. The request
+    never reached the engine, so it goes again on a new connection; on a new connection, never."""
+    conns = 0
+    asked = 0
+
+    async def drops_second(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns, asked
+        conns += 1
+        first_conn = conns == 1
+        while True:
+            await read_request(reader)
+            asked += 1
+            if first_conn and asked == 2:
+                writer.transport.abort()  # the second request, on the reused connection: dropped unanswered
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with serving(drops_second) as url, client() as c:
+        for _ in range(3):
+            resp = await c.request("POST", url, "/x", body=b"{}")
+            assert await resp.read() == b"ok"
+            resp.release()
+        assert conns == 2 and asked == 4 and c.in_use == 0
+
+    async def drops_all(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal asked
+        await read_request(reader)
+        asked += 1
+        writer.transport.abort()
+
+    asked = 0
+    async with serving(drops_all) as url, client() as c:
+        with pytest.raises(EngineDisconnected, match="closed the connection before its answer"):
+            await c.request("POST", url, "/x", body=b"{}")
+        assert asked == 1 and c.in_use == 0
