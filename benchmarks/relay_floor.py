@@ -10,7 +10,8 @@ rounds (``benchmarks.gateway_overhead``'s): the engine directly; the *floor*, ``
 (uvicorn with uvloop and httptools, and :class:`gateway.engine_http.EngineClient`, the gateway's own
 stack, relaying bytes and doing nothing else); and ``onecard serve``. The floor and the gateway each have
 CPU 1 to themselves while they are measured (the client and the engines share CPU 0). For each relay it
-records its CPU per sequential request, per request at 64 concurrent and per streamed chunk, and prints
+records its CPU per request 10 ms apart, per sequential request, per request at 64 concurrent and per
+streamed chunk, and prints
 the gateway's figures as multiples of the floor's: what the gateway's own work (keys, parsing,
 admission, usage, metrics, provenance headers) adds to the least any relay on this stack costs on this
 machine. Results go to ``benchmarks/results/relay_floor.json``.
@@ -28,12 +29,40 @@ from typing import Any
 
 import orjson
 
-from benchmarks.common import Processes, free_port, http_json, machine_info, percentile, pin, wait_http, write_results
-from benchmarks.cpu import cpu_per_unit
-from benchmarks.gateway_overhead import MODEL, Route, alternate, chat_body, concurrent_round, latency_block
+from benchmarks.common import (
+    Connection,
+    Processes,
+    free_port,
+    http_json,
+    machine_info,
+    percentile,
+    pin,
+    wait_http,
+    write_results,
+)
+from benchmarks.cpu import CpuMeter, cpu_per_unit
+from benchmarks.gateway_overhead import MODEL, PATH, Route, alternate, chat_body, concurrent_round, latency_block
 from tests.support import standin_executable, standin_model, write_registry
 
 RELAYS = ("floor", "gateway")
+
+
+async def paced_block(route: Route, body: bytes, n: int, cpu_pids: dict[str, int]) -> dict[str, Any]:
+    """``n`` requests 10 ms apart on one connection: the relay's CPU sleeps between them."""
+    conn = await Connection.open(route.host, route.port)
+    try:
+        for _ in range(20):
+            await conn.request(b"POST", PATH, body)
+        meter = CpuMeter(cpu_pids)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            r = await conn.request(b"POST", PATH, body)
+            if r.status != 200:
+                raise RuntimeError(f"{route.name}: HTTP {r.status}")
+            await asyncio.sleep(0.01)
+        return {"cpu_s": meter.used(), "seconds": time.perf_counter() - t0}
+    finally:
+        conn.close()
 
 
 async def measure(routes: list[Route], pids: dict[str, int], *, quick: bool,
@@ -51,6 +80,12 @@ async def measure(routes: list[Route], pids: dict[str, int], *, quick: bool,
         "median_ms": percentile([x for b in blocks for x in b["latencies"]], 50) * 1e3,
         "cpu_us_per_request": cpu_per_unit(blocks, seq_n * len(blocks))["per_unit"]} for name, blocks in seq.items()}
 
+    paced_n = 100 if quick else 300
+    log(f"paced: {paced_n} requests 10 ms apart per relay")
+    paced = await alternate(routes[1:], 1, lambda r: paced_block(r, lat_body, paced_n, pids))
+    out["paced"] = {name: {"cpu_us_per_request": cpu_per_unit(blocks, paced_n)["per_unit"]}
+                    for name, blocks in paced.items()}
+
     log(f"non-stream: 64 workers x {ns_per} requests, {ns_rounds} rounds per route")
     ns = await alternate(routes, ns_rounds, lambda r: concurrent_round(r, lat_body, 64, ns_per, pids))
     out["nonstream"] = {name: {
@@ -66,7 +101,8 @@ async def measure(routes: list[Route], pids: dict[str, int], *, quick: bool,
 
 
 def report(res: dict[str, Any]) -> str:
-    rows = [("CPU per sequential request (us)", "sequential", "cpu_us_per_request"),
+    rows = [("CPU per request, 10 ms apart (us)", "paced", "cpu_us_per_request"),
+            ("CPU per sequential request (us)", "sequential", "cpu_us_per_request"),
             ("CPU per request, 64 concurrent (us)", "nonstream", "cpu_us_per_request"),
             ("CPU per streamed chunk (us)", "stream", "cpu_us_per_chunk")]
     lines = [f"{'':44}{'floor':>9}{'gateway':>9}  gateway / floor", "-" * 80]
