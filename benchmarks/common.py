@@ -362,15 +362,17 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     packages = {}
-    for name in ("aiohttp", "httpx", "uvicorn", "starlette", "fastapi", "uvloop", "httptools"):
+    for name in ("httpx", "uvicorn", "starlette", "fastapi", "uvloop", "httptools"):
         with contextlib.suppress(PackageNotFoundError):
             packages[name] = version(name)
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "platform": platform.platform(), "packages": packages}
 
 
-def write_results(name: str, data: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_results(name: str, data: dict[str, Any], path: Path | None = None) -> Path:
+    """``data`` as indented JSON in ``path``, by default ``results/<name>.json``; returns where."""
+    if path is None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -395,9 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "direct_engine_stats": stats,
         "meets_aims": meets_aims(res),
     }
-    path = write_results("gateway_overhead", out) if args.out is None else args.out
-    if args.out is not None:
-        args.out.write_text(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    path = write_results("gateway_overhead", out, args.out)
     print(report(res))
     print(f"\nCPU layout: {layout}; {out['seconds']:.0f} s; results in {path}")
     return 0

@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from benchmarks.common import (
     Connection,
     Processes,
@@ -158,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "relay_floor", "command": "python -m benchmarks.relay_floor" + (" --quick" * args.quick),
            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": time.perf_counter() - started,
            "machine": machine_info(), **res}
-    path = write_results("relay_floor", out) if args.out is None else args.out
-    if args.out is not None:
-        args.out.write_text(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    path = write_results("relay_floor", out, args.out)
     print(report(res))
     print(f"\n{out['seconds']:.0f} s; results in {path}")
     return 0

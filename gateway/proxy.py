@@ -8,8 +8,9 @@
 The data path runs on :mod:`gateway.engine_http` (keep-alive connections read by llhttp through
 httptools; see benchmarks/README.md for what it saves); the control plane (health, sleep/wake, LoRA,
 metrics) keeps httpx. Streams are relayed event by event, never buffered; when the client goes away,
-Starlette cancels the relay and ``finally`` closes the upstream connection, so the engine aborts the
-request too; a non-stream request whose client hangs up is closed the same way. When the gateway
+:class:`gateway.disconnect.RelayStream` cancels the relay and ``finally`` closes the upstream
+connection, so the engine aborts the request too; a non-stream request whose client hangs up is closed
+the same way. When the gateway
 asked the engine for usage on its own account (to count tokens), the usage-only event is taken out again
 and the fingerprint put back where the engine would have sent it (:mod:`gateway.usage_events`), so the
 client receives exactly what it would have without the gateway.
@@ -82,12 +83,6 @@ def upstream_headers(upstream: EngineResponse, extra: dict[str, str]) -> list[tu
     return [(k.lower(), v) for k, v in upstream.raw_headers if k.lower() not in skip] + added
 
 
-def finish(upstream: EngineResponse) -> None:
-    """Hand the connection back to the pool when the body was read to its end; otherwise close it,
-    which is how the engine learns that nobody is listening any more (it aborts the request)."""
-    upstream.release()
-
-
 class Proxy:
     """Relays calls to engines over the app's shared :class:`EngineClient` (see
     :func:`gateway.app.make_session` for its limits and timeouts). Bodies go out as given and come
@@ -104,7 +99,7 @@ class Proxy:
 
         ``gone`` (done when the client hangs up) ends a non-stream request early: the upstream request
         is closed, so the engine aborts the generation, and :class:`ClientGone` is raised. A stream needs
-        none: Starlette cancels its relay when the client goes."""
+        none: :class:`gateway.disconnect.RelayStream` cancels its relay when the client goes."""
         if gone is None:
             return await self._forward(call, engine, release)
         # Cancel this task if the client hangs up meanwhile (a callback, not a second task: one task more
@@ -146,7 +141,7 @@ class Proxy:
             except UPSTREAM_ERRORS as e:
                 failure = e
             finally:
-                finish(upstream)
+                upstream.release()  # pooled if read to its end; else closed, so the engine aborts
                 release()
             if failure is None:
                 failure = engine.dead_answer(upstream.status, body)
@@ -195,7 +190,7 @@ class Proxy:
             except UPSTREAM_ERRORS as e:
                 failure = e
             finally:
-                finish(upstream)
+                upstream.release()  # pooled if read to its end; else closed, so the engine aborts
                 release()
             if failure is not None:
                 held = usage.flush()  # complete events held back for a usage event that never came
